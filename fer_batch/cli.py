@@ -1,0 +1,177 @@
+"""get_parser(), main(argv=None): the `fer-batch` command (also `python -m fer_batch`).
+
+Every flag is built from a field of AnnotateConfig or TrainConfig, so `--sample-fps`
+is always `sample_fps` and its help is the field's documentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+from fer_batch.config import AnnotateConfig, TrainConfig
+
+EXIT_USAGE = 2  # bad arguments, missing model, unreadable source
+EXIT_FAILED = 1  # the run itself failed
+
+DESCRIPTION = """\
+Find faces in image and video archives and label each face with a facial expression
+(ResNet-50 trained on CK+48), on Ray: locally in-process, or on a cluster.
+
+  fer-batch train DATA --output DIR          fine-tune on a labeled folder -> DIR/model.pt
+  fer-batch annotate SOURCE... --model DIR/model.pt --output OUT
+  fer-batch evaluate DATA --model CKPT --output DIR
+  fer-batch report OUT                       HTML page of a run's results
+"""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(cls):
+        md = f.metadata
+        group = groups.setdefault(md.get("group", "general"),
+                                  parser.add_argument_group(md.get("group", "general")))
+        default = f.default
+        help_text = md.get("help", "")
+        if md.get("positional"):
+            nargs = "+" if isinstance(default, tuple) else "?"
+            group.add_argument(f.name, nargs=nargs, default=default,
+                               help=f"{help_text} (default: {default})" if default != () else
+                               help_text)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=default, help=help_text)
+            continue
+        kind = type(default) if default is not None else str
+        kw = dict(dest=f.name, default=default, type=kind,
+                  help=f"{help_text} (default: {default})")
+        if md.get("choices"):
+            kw["choices"] = md["choices"]
+        if md.get("required"):
+            kw.update(required=True, help=help_text + " (required)")
+            kw.pop("default")
+        group.add_argument(flag, **kw)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fer-batch", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("annotate", help="label every face in images and videos -> Parquet",
+                       description="Annotate images and videos: one Parquet row per face in "
+                       "OUT/faces, one row per input file in OUT/files (see README).")
+    _add_config_flags(p, AnnotateConfig)
+    p = sub.add_parser("train", help="fine-tune ResNet-50 on a labeled folder (Ray Train)",
+                       description="Train on a folder with one subfolder per class; writes "
+                       "model.pt, metrics.json and plots to --output.")
+    _add_config_flags(p, TrainConfig)
+    p = sub.add_parser("evaluate", help="metrics and confusion matrix of a model on a "
+                       "labeled folder")
+    p.add_argument("data", help="labeled folder (one subfolder per class)")
+    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    p.add_argument("--output", default="fer-eval", help="folder for metrics.json and plots")
+    p.add_argument("--endpoint-url", default=None, help="S3 endpoint for S3-compatible stores")
+    p = sub.add_parser("report", help="self-contained HTML report of an output folder")
+    p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
+    p.add_argument("--html", default=None, help="where to write the page "
+                   "(default: OUT/report/index.html)")
+    p = sub.add_parser("compact", help="merge the committed runs of an output folder into one")
+    p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
+    return parser
+
+
+def config_from_args(cls, args: argparse.Namespace):
+    kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    if "sources" in kw:
+        kw["sources"] = tuple(kw["sources"])
+    return cls(**kw)
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster of a `ray job submit` job (RAY_ADDRESS) or --address; else start an
+    in-process local Ray. Library code never calls ray.init."""
+    import ray
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 configure_logging=True, logging_level=logging.WARNING)
+
+
+def _summary(m: dict) -> str:
+    rate = m["faces"] / m["processing_seconds"] if m["processing_seconds"] else 0.0
+    return (f"run {m['run_id']} committed in {m['seconds']:.1f} s\n"
+            f"  files: {m['files_ok']} ok, {m['files_error']} error, {m['files_skipped']} "
+            f"skipped, {m['files_already_done']} already done (--incremental)\n"
+            f"  frames decoded: {m['frames']}   faces: {m['faces']}   faces/s: {rate:.1f}\n"
+            f"  faces: {m['faces_path']}\n  files: {m['files_path']}\n"
+            f"  manifest: {m['manifest_path']}")
+
+
+def annotate(cfg: AnnotateConfig) -> int:
+    from fer_batch import pipeline, runs, sources
+    from fer_batch.model import CheckpointError, load_checkpoint
+    try:  # fail fast, before Ray starts: bad model, missing source
+        load_checkpoint(cfg.model, cfg.endpoint_url)
+        for src in cfg.sources:
+            fs, path = sources.resolve(src, cfg.endpoint_url)
+            if fs.get_file_info(path).type.name == "NotFound":
+                raise sources.SourceError(f"source not found: {src}")
+    except (CheckpointError, sources.SourceError, OSError) as e:
+        print(f"fer-batch annotate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    init_ray(cfg.address)
+    try:
+        manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True))
+    except (runs.LockedError, sources.SourceError) as e:
+        print(f"fer-batch annotate: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(_summary(manifest), flush=True)
+    return 0
+
+
+def train(cfg: TrainConfig) -> int:
+    from fer_batch import train as train_mod
+    init_ray(cfg.address)
+    metrics = train_mod.fit(cfg)
+    print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}))
+    return 0
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    if args.command == "annotate":
+        code = annotate(config_from_args(AnnotateConfig, args))
+    elif args.command == "train":
+        code = train(config_from_args(TrainConfig, args))
+    elif args.command == "evaluate":
+        from fer_batch import evaluate
+        metrics = evaluate.evaluate_folder(args.data, args.model, args.output, args.endpoint_url)
+        print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
+        code = 0
+    elif args.command == "report":
+        from fer_batch import report
+        print(report.write_report(args.output, args.html))
+        code = 0
+    elif args.command == "compact":
+        from fer_batch import runs
+        print(runs.compact(args.output))
+        code = 0
+    else:
+        code = EXIT_USAGE
+    logging.getLogger(__name__).debug("done in %.1fs", time.perf_counter() - t0)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""AnnotateConfig and TrainConfig: frozen dataclasses, the one source of defaults.
+
+The command line is built from these fields (``cli.get_parser``): the field
+``sample_fps`` is the flag ``--sample-fps`` and its ``help`` metadata is the
+``--help`` text. ``dataclasses.asdict(cfg)`` is written next to every output
+and into every checkpoint, so a run can always be explained and repeated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+FACE_SIZE = 48  # CK+48 crops, pixels; the model's input side
+SHARED_DATA = "../shared/data"  # default archive beside a checkout of this repo
+SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
+
+
+def opt(default, help: str, group: str = "general", **kw):
+    """A dataclass field with its --help text and option group attached."""
+    return field(default=default, metadata=dict(help=help, group=group, **kw))
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    # --- inputs and outputs
+    sources: tuple = opt((), "Files, folders (searched recursively), manifests (.txt/.csv "
+                         "of paths, one per line) or s3://bucket/prefix URIs.",
+                         "input", positional=True)
+    model: str = opt("", "Checkpoint written by `fer-batch train` (model.pt, local or s3://).",
+                     "input", required=True)
+    output: str = opt("fer-out", "Output folder (local or s3://): faces/, files/ and _runs/ "
+                      "are written under it.", "input")
+    incremental: bool = opt(False, "Skip files already annotated by a committed earlier run "
+                            "into the same output (same uri, size and mtime/ETag).", "input")
+    break_lock: bool = opt(False, "Take over OUT/_lock left by a run that died on another "
+                           "machine (a dead run on this machine is detected by itself).", "input")
+    limit: int = opt(0, "Process only the first N listed files (0 = all); for smoke tests.",
+                     "input")
+    endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores (MinIO, Ceph). "
+                                      "Default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS.",
+                                      "input")
+
+    # --- video sampling
+    sample_fps: float = opt(2.0, "Frames per second sampled from each video, by timestamp.",
+                            "video")
+    every_n_frames: int = opt(0, "Take every N-th decoded frame instead of --sample-fps "
+                              "(1 = every frame).", "video")
+    all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")
+
+    # --- face detection (Haar cascade on the equalized grayscale frame)
+    detect_max_side: int = opt(1280, "Detect on a copy downscaled so its longer side is at most "
+                               "this many pixels; boxes are mapped back to original pixels. "
+                               "0 = full resolution. 1280 keeps >=95%% of full-resolution "
+                               "detections on the photo set (see BENCHMARKS.md).", "detection")
+    scale_factor: float = opt(1.1, "Haar cascade scaleFactor (image pyramid step).", "detection")
+    min_neighbors: int = opt(5, "Haar cascade minNeighbors (higher = fewer false positives).",
+                             "detection")
+    min_face: int = opt(24, "Smallest face side to detect, in original pixels.", "detection")
+    max_pixels: int = opt(120_000_000, "Refuse images and video frames with more pixels than "
+                          "this (decompression bombs) before decoding them.", "detection")
+
+    # --- inference
+    batch_size: int = opt(256, "Faces per inference batch.", "inference")
+    device: str = opt("auto", "auto (GPU when the cluster has one), cpu or cuda.", "inference")
+    min_score: float = opt(0.0, "Below this top probability the label is 'uncertain' "
+                           "(probabilities are kept).", "inference")
+
+    # --- cluster
+    address: Optional[str] = opt(None, "Ray cluster to join (e.g. ray://head:10001 or auto). "
+                                 "Default: the cluster of a `ray job submit` job, else an "
+                                 "in-process local Ray.", "cluster")
+    preprocess_actors: int = opt(0, "CPU actors for decode+detect+crop (0 = one per CPU, "
+                                 "autoscaling on a cluster).", "cluster")
+    infer_actors: int = opt(0, "Inference actors (0 = one per GPU, or 1 on CPU).", "cluster")
+    max_file_retries: int = opt(2, "Times a file that crashes its worker is retried before it "
+                                "is recorded as an error.", "cluster")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- data
+    data: str = opt(SHARED_CKPLUS, "Labeled folder: one subfolder per class (local or s3://).",
+                    "data", positional=True)
+    output: str = opt("fer-model", "Output folder: model.pt, metrics.json, plots.", "data")
+    detect_faces: bool = opt(False, "Run the Haar cascade on training images and train on "
+                             "the largest face (off: images are already face crops, like CK+48).",
+                             "data")
+    endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores.", "data")
+
+    # --- split
+    split: str = opt("random", "random (the paper: stratified) or subject (no subject in both "
+                     "train and test).", "split", choices=("random", "subject"))
+    test_fraction: float = opt(0.2, "Share of images (random) or subjects (subject) held out.",
+                               "split")
+    folds: int = opt(0, "K-fold cross-validation by subject (0 = one split).", "split")
+    seed: int = opt(0, "Seed for the split, initialisation and shuffling.", "split")
+    subject_column: str = opt("subject", "labels.csv column with the subject id.", "split")
+    subject_pattern: str = opt(r"^([A-Za-z]+\d*)[._]", "Regex whose first group is the subject "
+                               "id in a file name, when labels.csv has none.", "split")
+
+    # --- model and optimisation (defaults = the paper)
+    pretrained: str = opt("none", "none, imagenet (torchvision weights, downloaded when online) "
+                          "or PATH to a local torchvision resnet50 weights file.", "model")
+    stem: str = opt("imagenet", "imagenet: torchvision's 7x7/2 conv + max-pool; small: 3x3/1 "
+                    "conv, no max-pool (keeps 48x48 detail).", "model",
+                    choices=("imagenet", "small"))
+    lr: float = opt(1e-4, "Adam learning rate (paper: 1e-4).", "model")
+    batch_size: int = opt(8, "Images per step per worker (paper: 8).", "model")
+    epochs: int = opt(8, "Training epochs (paper: 8).", "model")
+    augment: bool = opt(False, "Random flips, shifts and small rotations on training images.",
+                        "model")
+
+    # --- cluster
+    num_workers: int = opt(0, "Ray Train workers (0 = one per GPU, else 2 CPU workers).",
+                           "cluster")
+    use_gpu: str = opt("auto", "auto, yes or no.", "cluster", choices=("auto", "yes", "no"))
+    address: Optional[str] = opt(None, "Ray cluster to join (default: job's cluster or local).",
+                                 "cluster")
+
+
+def config_fields(cls):
+    """The dataclass fields of a config class, in declaration order."""
+    return fields(cls)

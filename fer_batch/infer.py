@@ -1,0 +1,106 @@
+"""predict(model, faces) -> probabilities; FacePredictor, the inference actor class.
+
+FacePredictor loads the checkpoint once in ``__init__``; ``__call__`` runs
+batched ResNet-50 inference on the face rows of a batch and passes file rows
+through untouched. On a GPU it uses autocast (bf16 where supported, else fp16)
+and channels_last; on a CPU, fp32.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fer_batch.model import load_checkpoint
+
+RESERVED_COLUMNS = frozenset({  # stream and output columns a class name must not shadow
+    "kind", "source", "media_type", "frame_index", "timestamp_s", "face_index", "x", "y", "w",
+    "h", "face", "status", "error", "size_bytes", "mtime_ns", "label", "score", "model_id",
+    "run_id", "crop_png", "track_id"})
+UNCERTAIN = "uncertain"  # label for faces whose top probability is below min_score
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA GPU is visible to this worker")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
+            batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for prepared faces.
+
+    Parameters
+    ----------
+    faces: np.ndarray, shape = (n, C, 48, 48), uint8 (output of preprocess.prepare_faces).
+
+    Returns
+    -------
+    probs: np.ndarray, shape = (n, num_classes), float32, rows sum to 1.
+    """
+    device = device or next(model.parameters()).device
+    out = []
+    for i in range(0, len(faces), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(faces[i:i + batch_size])).to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                logits = model(x)
+        else:
+            logits = model(x)
+        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+    if not out:
+        return np.zeros((0, next(reversed(list(model.modules()))).out_features), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+
+def label_faces(probs: np.ndarray, classes, min_score: float = 0.0):
+    """(labels, scores): the top class per row, or UNCERTAIN below min_score."""
+    top = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    scores = probs[np.arange(len(probs)), top] if len(probs) else np.zeros(0, np.float32)
+    labels = np.asarray(classes, dtype=object)[top] if len(probs) else np.zeros(0, object)
+    if min_score > 0:
+        labels = np.where(scores < min_score, UNCERTAIN, labels).astype(object)
+    return labels, scores.astype(np.float32)
+
+
+class FacePredictor:
+    """Ray actor: adds label, score, model_id and one probability column per class to the
+    face rows of a batch; file rows (kind == 'file') pass through with empty predictions."""
+
+    def __init__(self, *, checkpoint: str, device: str = "auto", batch_size: int = 256,
+                 min_score: float = 0.0, endpoint_url: str | None = None,
+                 num_threads: int = 0):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = pick_device(device)
+        model, meta = load_checkpoint(checkpoint, endpoint_url)
+        self.model = model.to(self.device)
+        if self.device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.classes = list(meta["classes"])
+        clash = set(self.classes) & RESERVED_COLUMNS
+        if clash:
+            raise ValueError(f"{checkpoint}: class names {sorted(clash)} clash with output "
+                             "column names; rename those classes and retrain")
+        self.model_id = meta["model_id"]
+        self.batch_size, self.min_score = batch_size, min_score
+
+    def __call__(self, batch: dict) -> dict:
+        is_face = batch["kind"] == "face"
+        n = len(is_face)
+        probs = np.zeros((n, len(self.classes)), np.float32)
+        if is_face.any():
+            probs[is_face] = predict(self.model, batch["face"][is_face], self.device,
+                                     self.batch_size)
+        labels, scores = label_faces(probs, self.classes, self.min_score)
+        batch["label"] = np.where(is_face, labels, "").astype(object)
+        batch["score"] = np.where(is_face, scores, 0).astype(np.float32)
+        batch["model_id"] = np.full(n, self.model_id, object)
+        for j, name in enumerate(self.classes):
+            batch[name] = probs[:, j]
+        return batch

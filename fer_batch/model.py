@@ -1,0 +1,196 @@
+"""EMOTIONS, build_model(), save_checkpoint(), load_checkpoint(); no data I/O beyond the file.
+
+Checkpoint format (docs/checkpoint.md): one file written by ``torch.save`` holding
+only tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it
+and loading never executes code from the file:
+
+    format        "fer-batch/1"
+    arch          "resnet50"
+    model_args    kwargs of build_model (num_classes, in_channels, stem)
+    classes       class names in logit order
+    input         {size, channels, mean, std}: prepare_faces output -> model input
+    preprocessing {face_size, channels, equalize, interpolation}
+    state_dict    the weights
+    model_id      sha256 of the weights (hex, first 16 chars)
+    train_config, data, metrics   what training wrote (may be empty)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torchvision
+
+EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")  # CK+
+FORMAT = "fer-batch/1"
+ARCH = "resnet50"
+INPUT_MEAN, INPUT_STD = 0.5, 0.25  # uint8/255 -> roughly zero-mean unit-variance for equalized crops
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, damaged, unsafe or of another architecture."""
+
+
+class FaceNet(nn.Module):
+    """ResNet-50 on (n, C, 48, 48) uint8 faces; scaling to float lives inside the model so
+    training and inference feed it the same bytes."""
+
+    def __init__(self, num_classes: int = len(EMOTIONS), in_channels: int = 1,
+                 stem: str = "imagenet"):
+        super().__init__()
+        net = torchvision.models.resnet50(weights=None, num_classes=num_classes)
+        if stem == "small":  # 48x48 input: keep resolution through the stem
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        else:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float().div_(255.0)
+        return self.net((x - INPUT_MEAN) / INPUT_STD)
+
+
+def build_model(num_classes: int = len(EMOTIONS), in_channels: int = 1,
+                stem: str = "imagenet") -> FaceNet:
+    """A ResNet-50 whose classifier has num_classes outputs and whose conv1 takes
+    in_channels planes."""
+    return FaceNet(num_classes=num_classes, in_channels=in_channels, stem=stem)
+
+
+def load_imagenet_weights(model: FaceNet, source: str = "imagenet") -> None:
+    """Copy torchvision's ImageNet ResNet-50 weights into model (all but the classifier).
+
+    source: "imagenet" (torchvision downloads them, or finds them in TORCH_HOME) or a path
+    to a local resnet50 state_dict. conv1's RGB filters are summed into each input plane,
+    so a gray image produces the activations its RGB copy would have produced.
+    """
+    if source == "imagenet":
+        weights = torchvision.models.ResNet50_Weights.IMAGENET1K_V2
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as e:  # URLError, socket errors, SSL errors: all mean "offline"
+            raise RuntimeError(
+                f"cannot download ImageNet weights ({type(e).__name__}: {e}). Offline, "
+                f"download {weights.url} on a machine with internet access and pass "
+                "--pretrained /path/to/that.pth, or use --pretrained none") from None
+    else:
+        if not os.path.isfile(source):
+            raise RuntimeError(f"--pretrained {source}: no such file (expected a torchvision "
+                               "resnet50 state_dict .pth, or 'imagenet' or 'none')")
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    w = state["conv1.weight"].sum(dim=1, keepdim=True)  # (64, 1, 7, 7)
+    if model.net.conv1.weight.shape[2:] == w.shape[2:]:
+        state["conv1.weight"] = w.repeat(1, model.net.conv1.in_channels, 1, 1) / \
+            model.net.conv1.in_channels
+    else:
+        state.pop("conv1.weight")  # "small" stem: a new 3x3 conv, trained from scratch
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = model.net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(("fc.", "conv1.")) for k in missing):
+        raise RuntimeError(f"{source}: not a torchvision resnet50 state_dict")
+
+
+def weights_id(state_dict: dict) -> str:
+    """Content hash of the weights: same weights -> same model_id, whatever the metadata."""
+    h = hashlib.sha256()
+    for k in sorted(state_dict):
+        t = state_dict[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, channels,
+                    face_size: int = 48, train_config: dict | None = None,
+                    data: dict | None = None, metrics: dict | None = None) -> str:
+    """Write the checkpoint (see module docstring). Returns its model_id."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    ckpt = {
+        "format": FORMAT,
+        "arch": ARCH,
+        "model_args": dict(model_args),
+        "classes": list(classes),
+        "input": {"size": face_size, "channels": list(channels),
+                  "mean": INPUT_MEAN, "std": INPUT_STD, "dtype": "uint8"},
+        "preprocessing": {"face_size": face_size, "channels": list(channels),
+                          "equalize": "cv2.equalizeHist per crop", "interpolation": "area"},
+        "state_dict": state,
+        "model_id": weights_id(state),
+        "train_config": _plain(train_config or {}),
+        "data": _plain(data or {}),
+        "metrics": _plain(metrics or {}),
+    }
+    if isinstance(path_or_file, (str, os.PathLike)):
+        tmp = f"{path_or_file}.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path_or_file)
+    else:
+        torch.save(ckpt, path_or_file)
+    return ckpt["model_id"]
+
+
+def _plain(obj):
+    """JSON-like copy (dict/list/str/int/float/bool/None) so weights_only loading accepts it."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    return str(obj)
+
+
+def read_checkpoint(data: bytes, name: str = "checkpoint") -> dict:
+    """Parse and validate checkpoint bytes without executing anything in them."""
+    if not data:
+        raise CheckpointError(f"{name}: empty file")
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError for code-carrying pickles, others for damage
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name}: refused or unreadable checkpoint ({first}). fer-batch "
+                              "loads with weights_only=True and never runs code from a file; "
+                              "write checkpoints with `fer-batch train`.") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{name}: not a fer-batch checkpoint (format "
+                              f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
+    if ckpt.get("arch") != ARCH:
+        raise CheckpointError(f"{name}: architecture {ckpt.get('arch')!r}, expected {ARCH!r}")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> FaceNet:
+    model = build_model(**ckpt["model_args"])
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{name}: weights do not fit {ARCH} with "
+                              f"{ckpt['model_args']}: {str(e)[:300]}") from None
+    if len(ckpt["classes"]) != ckpt["model_args"]["num_classes"]:
+        raise CheckpointError(f"{name}: {len(ckpt['classes'])} class names for "
+                              f"{ckpt['model_args']['num_classes']} outputs")
+    return model.eval()
+
+
+def load_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[FaceNet, dict]:
+    """Load model.pt (local or s3://). Returns (model in eval mode, checkpoint dict without
+    the weights). Raises CheckpointError with the file name and the fix."""
+    from fer_batch import sources  # local import: model stays usable without pyarrow
+    try:
+        data = sources.read_bytes(path, endpoint_url)
+    except (FileNotFoundError, OSError) as e:
+        raise CheckpointError(f"cannot read model {path}: {e}. Train one with "
+                              "`fer-batch train DATA --output DIR` (writes DIR/model.pt).") from None
+    ckpt = read_checkpoint(data, path)
+    model = model_from_checkpoint(ckpt, path)
+    meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
+    return model, meta

@@ -1,0 +1,178 @@
+"""The only module that chains stages onto Ray Data: list -> crop (CPU actors) ->
+predict (GPU or CPU actors) -> Parquet (staging) -> commit.
+
+    entries = sources.list_files(cfg.sources)             # driver: small dicts, no bytes
+    ray.data.from_items(todo)                              # one file per row
+      .map_batches(FaceCropper, CPU actor pool)            # read+decode+detect+crop, one task
+      .map_batches(FacePredictor, GPU/CPU actor pool)      # batched ResNet-50
+      .write_datasink(StagingSink)                         # Parquet into OUT/_staging/RID
+    runs.Output.commit(RID)                                # visible only now
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.block import BlockAccessor
+from ray.data.datasource import Datasink
+
+from fer_batch import runs, sink, sources
+from fer_batch.config import AnnotateConfig
+from fer_batch.infer import FacePredictor
+from fer_batch.model import load_checkpoint
+from fer_batch.preprocess import FaceCropper
+
+BLOCKS_PER_FILE = 1  # one file per read block: a slow video never holds others back
+
+
+@ray.remote(num_cpus=0)
+class AttemptLedger:
+    """Counts how often each file was started, so a file that kills its worker every time
+    (a decoder segfault, an OOM kill) is recorded as an error after a bounded number of tries
+    instead of being retried forever by Ray's actor restarts."""
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+
+    def begin(self, uri: str) -> int:
+        self.counts[uri] = self.counts.get(uri, 0) + 1
+        return self.counts[uri]
+
+
+class AttemptCounter:
+    """Picklable callable handed to FaceCropper: uri -> attempt number (1 = first try)."""
+
+    def __init__(self, ledger):
+        self.ledger = ledger
+
+    def __call__(self, uri: str) -> int:
+        return ray.get(self.ledger.begin.remote(uri))
+
+
+class StagingSink(Datasink):
+    """Ray Data sink: splits each block into faces and files tables, writes both as Parquet
+    into the run's staging folder. Nothing here is visible to readers until commit."""
+
+    def __init__(self, output: str, run_id: str, classes, endpoint_url=None):
+        self.output, self.run_id, self.classes = output, run_id, list(classes)
+        self.endpoint_url = endpoint_url
+
+    def write(self, blocks, ctx):
+        out = runs.Output(self.output, self.endpoint_url)
+        stage = out.staging(self.run_id)
+        rows = 0
+        for i, block in enumerate(blocks):
+            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+            faces, files = sink.split_batch(batch, self.classes)
+            sink.write_tables(out.fs, stage, faces, files, name=f"{ctx.task_idx:06d}-{i:04d}-"
+                              f"{os.urandom(3).hex()}")
+            rows += faces.num_rows + files.num_rows
+        return rows
+
+
+def resources() -> tuple[int, int]:
+    res = ray.cluster_resources()
+    return int(res.get("CPU", 1)), int(res.get("GPU", 0))
+
+
+def run(cfg: AnnotateConfig, progress=print) -> dict:
+    """Annotate cfg.sources into cfg.output; returns the run manifest (counts, paths, times).
+
+    Ray must be initialised by the caller (cli.main or a job)."""
+    started, t0 = runs.now_iso(), time.perf_counter()
+    _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)  # fail fast, before any work
+    classes, model_id = meta["classes"], meta["model_id"]
+    spec = meta["input"]
+
+    out = runs.Output(cfg.output, cfg.endpoint_url)
+    run_id = runs.new_run_id()
+    out.acquire(run_id, break_lock=getattr(cfg, "break_lock", False))
+    try:
+        for line in out.recover():
+            progress(f"recovery: {line}")
+        entries = sources.list_files(cfg.sources, cfg.endpoint_url)
+        if cfg.limit:
+            entries = entries[:cfg.limit]
+        done = runs.done_index(cfg.output, cfg.endpoint_url) if cfg.incremental else {}
+        already = [e for e in entries if done.get(e["uri"]) == (e["size_bytes"], e["mtime_ns"])]
+        skip = {e["uri"] for e in already}
+        settled = [e for e in entries if e["status"] != "pending" and e["uri"] not in skip]
+        todo = [e for e in entries if e["status"] == "pending" and e["uri"] not in skip]
+        progress(f"run {run_id}: {len(entries)} files listed, {len(todo)} to process, "
+                 f"{len(settled)} skipped or unreadable, {len(already)} already done")
+
+        stage = out.staging(run_id)
+        out.write_json(f"{stage}/config.json", dict(config=dataclasses.asdict(cfg),
+                                                    run_id=run_id, started=started))
+        if settled:
+            sink.write_tables(out.fs, stage, sink.FILE_SCHEMA.empty_table(),
+                              sink.file_rows_table(settled, model_id), name="listing")
+        if todo:
+            _execute(cfg, todo, classes, spec, run_id)
+        t_proc = time.perf_counter() - t0
+        dropped = out.dedup_staged(run_id)
+        counts = _count(out, run_id)
+        manifest = dict(run_id=run_id, started=started, finished=runs.now_iso(),
+                        seconds=round(time.perf_counter() - t0, 3),
+                        processing_seconds=round(t_proc, 3), model=cfg.model,
+                        model_id=model_id, classes=list(classes),
+                        config=dataclasses.asdict(cfg), files_listed=len(entries),
+                        files_already_done=len(already), duplicate_rows_dropped=dropped,
+                        **counts)
+        out.commit(run_id, manifest)
+        manifest.update(faces_path=f"{out.uri}/faces", files_path=f"{out.uri}/files",
+                        manifest_path=f"{out.uri}/_runs/{run_id}.json")
+        return manifest
+    finally:
+        out.release()
+
+
+def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) -> None:
+    n_cpu, n_gpu = resources()
+    use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and n_gpu > 0)
+    crop_actors = cfg.preprocess_actors or max(1, n_cpu)
+    infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
+    ledger = AttemptLedger.remote()
+    items = [{k: e[k] for k in ("uri", "media_type", "size_bytes", "mtime_ns")} for e in todo]
+    every_n = 1 if cfg.all_frames else cfg.every_n_frames
+    ds = (
+        ray.data.from_items(items, override_num_blocks=max(1, len(items) // BLOCKS_PER_FILE))
+        .map_batches(
+            FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
+            compute=ActorPoolStrategy(min_size=1, max_size=min(crop_actors, len(items))),
+            fn_constructor_kwargs=dict(
+                face_size=spec["size"], channels=tuple(spec["channels"]),
+                sample_fps=cfg.sample_fps, every_n_frames=every_n,
+                detect_max_side=cfg.detect_max_side, scale_factor=cfg.scale_factor,
+                min_neighbors=cfg.min_neighbors, min_face=cfg.min_face,
+                max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
+                attempts=AttemptCounter(ledger), max_attempts=cfg.max_file_retries + 1))
+        .map_batches(
+            FacePredictor, batch_size=cfg.batch_size, batch_format="numpy",
+            # on CPU the predictor shares cores with the croppers: inference is ~5% of the work
+            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0,
+            compute=ActorPoolStrategy(size=infer_actors),
+            fn_constructor_kwargs=dict(
+                checkpoint=cfg.model, device="cuda" if use_gpu else "cpu",
+                batch_size=cfg.batch_size, min_score=cfg.min_score,
+                endpoint_url=cfg.endpoint_url, num_threads=0 if use_gpu else 1))
+    )
+    ds.write_datasink(StagingSink(cfg.output, run_id, classes, cfg.endpoint_url))
+
+
+def _count(out: runs.Output, run_id: str) -> dict:
+    import pyarrow.dataset as pds
+    d = f"{out.staging(run_id)}/files"
+    if not out.exists(d):
+        return dict(files_ok=0, files_error=0, files_skipped=0, frames=0, faces=0)
+    t = pds.dataset(d, filesystem=out.fs, format="parquet").to_table(
+        columns=["status", "frames_decoded", "faces"])
+    status = t["status"].to_pylist()
+    return dict(files_ok=status.count("ok"), files_error=status.count("error"),
+                files_skipped=status.count("skipped"),
+                frames=int(sum(t["frames_decoded"].to_pylist())),
+                faces=int(sum(t["faces"].to_pylist())))

@@ -1,0 +1,253 @@
+"""The paper's algorithms 1 and 2: equalize, detect (Haar), crop, resize to 48x48, Canny.
+
+Pure functions on numpy arrays, plus ``FaceCropper``, the callable class that
+Ray turns into the CPU actor pool: it reads a file, decodes it, detects and
+crops faces in one task, so full frames never leave the worker; only 48x48
+crops and their metadata flow on.
+
+Training and annotation share ``prepare_faces``: the model sees exactly the
+same pixels in both, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import cv2
+import numpy as np
+
+from fer_batch import decode, sources
+
+FACE_SIZE = 48  # CK+48 crops, pixels
+CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
+CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
+CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
+FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
+
+
+def load_cascade(name: str = CASCADE_FILE) -> cv2.CascadeClassifier:
+    path = os.path.join(cv2.data.haarcascades, name)
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"cannot load Haar cascade {path}: install opencv-python-headless<5 "
+                           "(OpenCV 5 dropped CascadeClassifier and its XML files)")
+    return cascade
+
+
+def equalize(gray: np.ndarray) -> np.ndarray:
+    """Histogram equalization. gray: shape = (h, w), uint8 -> same."""
+    return cv2.equalizeHist(gray)
+
+
+def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *, scale_factor: float = 1.1,
+                 min_neighbors: int = 5, min_face: int = 24, max_side: int = 0) -> np.ndarray:
+    """Haar-cascade faces on the equalized frame.
+
+    Parameters
+    ----------
+    gray: np.ndarray, shape = (h, w), uint8; the raw grayscale frame.
+    max_side: detect on a copy downscaled so that max(h, w) <= max_side (0 = full size).
+    min_face: smallest face side in original pixels.
+
+    Returns
+    -------
+    boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, clipped to
+    the frame, sorted top-to-bottom then left-to-right (so face_index is stable).
+    """
+    h, w = gray.shape[:2]
+    scale = 1.0
+    small = gray
+    if max_side and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        small = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                           interpolation=cv2.INTER_AREA)
+    min_side = max(1, int(round(min_face * scale)))
+    if min(small.shape[:2]) < min_side:
+        return np.zeros((0, 4), np.int32)
+    found = cascade.detectMultiScale(equalize(small), scaleFactor=scale_factor,
+                                     minNeighbors=min_neighbors, minSize=(min_side, min_side))
+    if len(found) == 0:
+        return np.zeros((0, 4), np.int32)
+    boxes = np.round(np.asarray(found, np.float64) / scale).astype(np.int64)
+    x0 = np.clip(boxes[:, 0], 0, w - 1)
+    y0 = np.clip(boxes[:, 1], 0, h - 1)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 1, w)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 1, h)
+    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int32)
+    order = np.lexsort((boxes[:, 0], boxes[:, 1]))
+    return boxes[order]
+
+
+def crop_faces(gray: np.ndarray, boxes: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
+    """Crop boxes and resize to size x size. Returns shape = (n, size, size), uint8."""
+    out = np.empty((len(boxes), size, size), np.uint8)
+    for i, (x, y, w, h) in enumerate(boxes):
+        out[i] = cv2.resize(gray[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def prepare_faces(crops: np.ndarray, channels=CHANNELS, size: int = FACE_SIZE) -> np.ndarray:
+    """The model's input, shared by training and annotation.
+
+    Parameters
+    ----------
+    crops: np.ndarray, shape = (n, h, w), uint8 grayscale face crops (any size).
+    channels: names of the input planes, from the checkpoint: "equalized" (histogram-
+        equalized crop) and optionally "canny" (Canny edges of that crop).
+
+    Returns
+    -------
+    np.ndarray, shape = (n, len(channels), size, size), uint8.
+    """
+    out = np.empty((len(crops), len(channels), size, size), np.uint8)
+    for i, crop in enumerate(crops):
+        if crop.shape != (size, size):
+            crop = cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)
+        eq = equalize(np.ascontiguousarray(crop))
+        for c, name in enumerate(channels):
+            if name == "equalized":
+                out[i, c] = eq
+            elif name == "canny":
+                out[i, c] = cv2.Canny(eq, *CANNY_THRESHOLDS)
+            else:
+                raise ValueError(f"unknown input channel {name!r}")
+    return out
+
+
+def largest_face(gray: np.ndarray, cascade, **detect_kw) -> np.ndarray:
+    """The largest detected face as a crop, or the whole image when none is found."""
+    boxes = detect_faces(gray, cascade, **detect_kw)
+    if len(boxes) == 0:
+        return gray
+    x, y, w, h = boxes[np.argmax(boxes[:, 2] * boxes[:, 3])]
+    return gray[y:y + h, x:x + w]
+
+
+def face_rows(uri: str, media_type: str, found: list, channels=CHANNELS,
+              size: int = FACE_SIZE) -> dict:
+    """Face rows (column -> array) for one file.
+
+    found: list of (frame_index, timestamp_s or None, crops (n, size, size) uint8, boxes (n, 4)).
+    The ``face`` column holds the model input, shape = (n, C, size, size), uint8.
+    """
+    meta = [(index, np.nan if ts is None else ts, k, *box)
+            for index, ts, _, boxes in found for k, box in enumerate(boxes)]
+    n = len(meta)
+    m = np.array(meta, dtype=np.float64).reshape(n, 7)
+    faces = [prepare_faces(crops, channels, size) for _, _, crops, _ in found]
+    return {
+        "kind": np.full(n, "face", object),
+        "source": np.full(n, uri, object),
+        "media_type": np.full(n, media_type, object),
+        "frame_index": m[:, 0].astype(np.int64),
+        "timestamp_s": m[:, 1],
+        "face_index": m[:, 2].astype(np.int32),
+        "x": m[:, 3].astype(np.int32), "y": m[:, 4].astype(np.int32),
+        "w": m[:, 5].astype(np.int32), "h": m[:, 6].astype(np.int32),
+        "face": np.concatenate(faces) if faces else np.zeros((0, len(channels), size, size),
+                                                              np.uint8),
+        # file-row columns, empty on face rows: both kinds share one schema in the stream
+        "status": np.full(n, "", object), "error": np.full(n, "", object),
+        "size_bytes": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64),
+    }
+
+
+def file_row(entry: dict, *, status: str, error: str | None, frames: int, faces: int,
+             seconds: float, face_size: int, channels) -> dict:
+    """One files-table row in the same columns as face rows (kind='file'), so both flow
+    through one Ray dataset; the sink splits them."""
+    return {
+        "kind": np.array(["file"], object),
+        "source": np.array([entry["uri"]], object),
+        "media_type": np.array([entry["media_type"]], object),
+        "frame_index": np.array([frames], np.int64),  # frames decoded, for file rows
+        "timestamp_s": np.array([seconds]),  # processing seconds, for file rows
+        "face_index": np.array([faces], np.int32),  # faces found, for file rows
+        "x": np.zeros(1, np.int32), "y": np.zeros(1, np.int32),
+        "w": np.zeros(1, np.int32), "h": np.zeros(1, np.int32),
+        "face": np.zeros((1, len(channels), face_size, face_size), np.uint8),
+        "status": np.array([status], object),
+        "error": np.array([error or ""], object),
+        "size_bytes": np.array([entry.get("size_bytes") or 0], np.int64),
+        "mtime_ns": np.array([entry.get("mtime_ns") or 0], np.int64),
+    }
+
+
+class FaceCropper:
+    """Ray actor: file entries in, face rows (48x48 crops + box metadata) and one file row out.
+
+    Loads the Haar cascade once. ``__call__`` takes a batch of file entries and
+    yields batches; a long video yields every FRAMES_PER_YIELD sampled frames so
+    memory stays bounded. Any failure of one file becomes that file's error row.
+    """
+
+    def __init__(self, *, face_size: int = FACE_SIZE, channels=CHANNELS,
+                 sample_fps: float = 2.0, every_n_frames: int = 0, detect_max_side: int = 0,
+                 scale_factor: float = 1.1, min_neighbors: int = 5, min_face: int = 24,
+                 max_pixels: int = decode.MAX_PIXELS, endpoint_url: str | None = None,
+                 attempts=None, max_attempts: int = 3):
+        cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
+        self.cascade = load_cascade()
+        self.face_size, self.channels = face_size, tuple(channels)
+        self.sample_fps, self.every_n = sample_fps, every_n_frames
+        self.detect_kw = dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
+                              min_face=min_face, max_side=detect_max_side)
+        self.max_pixels, self.endpoint_url = max_pixels, endpoint_url
+        self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
+
+    def __call__(self, batch: dict):
+        for i in range(len(batch["uri"])):
+            entry = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
+            yield from self.process(entry)
+
+    def process(self, entry: dict):
+        """Yield face batches, then exactly one file row, for one file entry."""
+        t0 = time.perf_counter()
+        frames = faces = 0
+        status, error = "ok", None
+        tries = self.attempts(entry["uri"]) if self.attempts else 1
+        if tries > self.max_attempts:  # earlier tries killed the worker (segfault, OOM kill)
+            yield file_row(entry, status="error", error=f"worker died {tries - 1} times while "
+                           "processing this file (decoder crash or out of memory); gave up",
+                           frames=0, faces=0, seconds=0.0, face_size=self.face_size,
+                           channels=self.channels)
+            return
+        try:
+            if entry["media_type"] == "image":
+                gray = decode.decode_image(sources.read_bytes(entry["uri"], self.endpoint_url),
+                                           self.max_pixels)
+                boxes = detect_faces(gray, self.cascade, **self.detect_kw)
+                frames, faces = 1, len(boxes)
+                if faces:
+                    crops = crop_faces(gray, boxes, self.face_size)
+                    yield face_rows(entry["uri"], "image", [(0, None, crops, boxes)],
+                                    self.channels, self.face_size)
+            else:
+                stats = decode.VideoStats()
+                found = []
+                with sources.open_input(entry["uri"], self.endpoint_url) as f:
+                    for index, ts, gray in decode.iter_frames(
+                            f, sample_fps=self.sample_fps, every_n=self.every_n,
+                            max_pixels=self.max_pixels, stats=stats):
+                        boxes = detect_faces(gray, self.cascade, **self.detect_kw)
+                        if len(boxes):  # crop now: only 48x48 crops outlive the frame
+                            found.append((index, ts, crop_faces(gray, boxes, self.face_size),
+                                          boxes))
+                            faces += len(boxes)
+                        if len(found) >= FRAMES_PER_YIELD:
+                            yield face_rows(entry["uri"], "video", found, self.channels,
+                                            self.face_size)
+                            found = []
+                if found:
+                    yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
+                frames = stats.frames_decoded
+                if stats.error:
+                    status, error = "error", stats.error
+        except decode.DecodeError as e:
+            status, error = "error", str(e)
+        except (OSError, ValueError, MemoryError, cv2.error) as e:
+            status, error = "error", f"{type(e).__name__}: {e}"
+        yield file_row(entry, status=status, error=error, frames=frames, faces=faces,
+                       seconds=time.perf_counter() - t0, face_size=self.face_size,
+                       channels=self.channels)
