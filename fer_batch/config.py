@@ -57,6 +57,9 @@ class AnnotateConfig:
     min_neighbors: int = opt(5, "Haar cascade minNeighbors (higher = fewer false positives).",
                              "detection")
     min_face: int = opt(24, "Smallest face side to detect, in original pixels.", "detection")
+    verify: bool = opt(True, "Confirm each detection with a second cascade (frontalface_alt2) "
+                       "on the box and its margin: removes most false positives at no cost "
+                       "in recall on the annotated photos.", "detection")
     max_pixels: int = opt(120_000_000, "Refuse images and video frames with more pixels than "
                           "this (decompression bombs) before decoding them.", "detection")
 

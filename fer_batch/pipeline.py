@@ -148,7 +148,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 sample_fps=cfg.sample_fps, every_n_frames=every_n,
                 detect_max_side=cfg.detect_max_side, scale_factor=cfg.scale_factor,
-                min_neighbors=cfg.min_neighbors, min_face=cfg.min_face,
+                min_neighbors=cfg.min_neighbors, min_face=cfg.min_face, verify=cfg.verify,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
                 attempts=AttemptCounter(ledger), max_attempts=cfg.max_file_retries + 1))
         .map_batches(
