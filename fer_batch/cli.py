@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -18,6 +19,7 @@ from fer_batch.config import AnnotateConfig, TrainConfig
 
 EXIT_USAGE = 2  # bad arguments, missing model, unreadable source
 EXIT_FAILED = 1  # the run itself failed
+EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: the run left nothing visible
 
 DESCRIPTION = """\
 Find faces in image and video archives and label each face with a facial expression
@@ -41,6 +43,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         if md.get("positional"):
             nargs = "+" if isinstance(default, tuple) else "?"
             group.add_argument(f.name, nargs=nargs, default=default,
+                               metavar=md.get("metavar", f.name.upper()),
                                help=f"{help_text} (default: {default})" if default != () else
                                help_text)
             continue
@@ -107,6 +110,10 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                  configure_logging=True, logging_level=logging.WARNING)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _summary(m: dict) -> str:
     rate = m["faces"] / m["processing_seconds"] if m["processing_seconds"] else 0.0
     return (f"run {m['run_id']} committed in {m['seconds']:.1f} s\n"
@@ -120,7 +127,13 @@ def _summary(m: dict) -> str:
 def annotate(cfg: AnnotateConfig) -> int:
     from fer_batch import pipeline, runs, sources
     from fer_batch.model import CheckpointError, load_checkpoint
-    try:  # fail fast, before Ray starts: bad model, missing source
+    # resolved here so Ray workers on other nodes use the driver's AWS_ENDPOINT_URL(_S3)
+    cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url))
+    try:  # fail fast, before Ray starts: S3 bucket/endpoint/credentials, bad model, no source
+        for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
+                          (cfg.output, "output")]:
+            if sources.is_s3(uri):
+                sources.check_access(uri, cfg.endpoint_url, kind=kind)
         load_checkpoint(cfg.model, cfg.endpoint_url)
         for src in cfg.sources:
             fs, path = sources.resolve(src, cfg.endpoint_url)
@@ -130,11 +143,17 @@ def annotate(cfg: AnnotateConfig) -> int:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.address)
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
         manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True))
     except (runs.LockedError, sources.SourceError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fer-batch annotate: interrupted; nothing of this run was committed. Run the same "
+              "command again to redo it (add --incremental to keep earlier runs' work).",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(_summary(manifest), flush=True)
     return 0
 

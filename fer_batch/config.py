@@ -26,7 +26,7 @@ class AnnotateConfig:
     # --- inputs and outputs
     sources: tuple = opt((), "Files, folders (searched recursively), manifests (.txt/.csv "
                          "of paths, one per line) or s3://bucket/prefix URIs.",
-                         "input", positional=True)
+                         "input", positional=True, metavar="SOURCE")
     model: str = opt("", "Checkpoint written by `fer-batch train` (model.pt, local or s3://).",
                      "input", required=True)
     output: str = opt("fer-out", "Output folder (local or s3://): faces/, files/ and _runs/ "
@@ -65,7 +65,9 @@ class AnnotateConfig:
 
     # --- inference
     batch_size: int = opt(256, "Faces per inference batch.", "inference")
-    device: str = opt("auto", "auto (GPU when the cluster has one), cpu or cuda.", "inference")
+    device: str = opt("auto", "auto (GPU when the cluster has one at start), cpu or cuda "
+                      "(use cuda on autoscaling clusters whose GPU nodes start at zero).",
+                      "inference", choices=("auto", "cpu", "cuda"))
     min_score: float = opt(0.0, "Below this top probability the label is 'uncertain' "
                            "(probabilities are kept).", "inference")
 

@@ -3,93 +3,252 @@
 This is the only module that touches the image and video decoders. The paper's
 first step is grayscale, so frames are converted here, where it is cheapest
 (PyAV hands over the Y plane of a YUV frame without a colour conversion).
-Decoder failures are re-raised as ``DecodeError`` with the decoder's message.
+Decoder failures are re-raised as ``DecodeError`` whose message names the cause;
+docs/failures.md lists them.
+
+Decompression bombs are refused before any pixel buffer exists: image sizes are
+read from the file header (JPEG, PNG, BMP, TIFF, WebP, GIF, PNM; other formats
+are refused), and FFmpeg gets the same limit as its ``max_pixels`` option, so
+neither probing nor decoding allocates an oversized frame.
 """
 
 from __future__ import annotations
 
+import errno
+import re
 import struct
 from fractions import Fraction
 from typing import Iterator
 
 import av
+import av.logging
 import cv2
 import numpy as np
 
 MAX_PIXELS = 120_000_000  # default frame/image pixel limit: a 12000x10000 scan passes
+MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is given up
+DECODE_THREADS = 1  # FFmpeg threads per video: each holds a frame in flight (memory), and Ray
+#                     already runs one actor per core; 1 thread costs 13% less CPU per 1080p
+#                     h264 frame than 2 (8.7 vs 10.1 ms, BENCHMARKS.md)
+SLACK_FRAMES = 2  # frames a complete video may fall short of its container's count (priming)
+SLACK_SECONDS = 0.5  # seconds a complete video's last frame may end before its duration
+HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not media
 
 
 class DecodeError(RuntimeError):
     """A file that cannot be decoded; the message names the cause."""
 
 
-def _png_size(data: bytes):
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
+# --- what is this file? ---------------------------------------------------------------
+
+def describe_content(head: bytes) -> str:
+    """A short name for what the first bytes of a non-media file look like."""
+    h = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if h.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in h[:256]:
+        return "an HTML page (a saved error page or web page?)"
+    if h.startswith((b"<?xml", b"<svg")):
+        return "XML/SVG text"
+    if h.startswith((b"{", b"[")):
+        return "JSON text"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip data"
+    if head[4:8] == b"ftyp":
+        return "an MP4/MOV video or HEIC image"
+    if head.startswith(b"\x1a\x45\xdf\xa3"):
+        return "a Matroska/WebM video"
+    for cut in range(4):  # the sample may end inside a multi-byte character
+        try:
+            text = head[:len(head) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text and all(c.isprintable() or c in "\r\n\t" for c in text):
+            return "plain text"
+        break
+    return f"unrecognised data (first bytes {head[:8].hex(' ')})"
+
+
+def image_format(data: bytes) -> str | None:
+    """The image format named by the file's signature, else None."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:2] == b"BM":
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
+        return "pnm"
     return None
 
 
-def _jpeg_size(data: bytes):
-    if data[:2] != b"\xff\xd8":
-        return None
+def _png_size(d: bytes):
+    if d[12:16] == b"IHDR":
+        return struct.unpack(">II", d[16:24])
+    return None
+
+
+def _jpeg_size(d: bytes):
     i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
+    while i + 9 < len(d):
+        if d[i] != 0xFF:
             i += 1
             continue
-        marker = data[i + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
+        marker = d[i + 1]
+        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
             i += 1 if marker == 0xFF else 2
             continue
-        seg_len = struct.unpack(">H", data[i + 2:i + 4])[0]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
+        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
+                      0xCF):
+            h, w = struct.unpack(">HH", d[i + 5:i + 9])
             return w, h
-        i += 2 + seg_len
+        if marker == 0xDA:  # start of scan before any frame header: damaged
+            return None
+        i += 2 + struct.unpack(">H", d[i + 2:i + 4])[0]
     return None
 
 
-def _header_size(data: bytes):
-    """(width, height) from a PNG/JPEG header without decoding pixels, else None."""
-    return _png_size(data) or _jpeg_size(data)
+def _bmp_size(d: bytes):
+    (header,) = struct.unpack("<I", d[14:18])
+    if header == 12:  # OS/2 BITMAPCOREHEADER
+        return struct.unpack("<HH", d[18:22])
+    w, h = struct.unpack("<ii", d[18:26])
+    return abs(w), abs(h)  # negative height = top-down rows
 
+
+def _tiff_size(d: bytes):
+    """Size of the first page (the one OpenCV decodes)."""
+    e = "<" if d[:2] == b"II" else ">"
+    big = struct.unpack(e + "H", d[2:4])[0] == 43
+    if big:
+        off = struct.unpack(e + "Q", d[8:16])[0]
+        n, at, size = struct.unpack(e + "Q", d[off:off + 8])[0], off + 8, 20
+    else:
+        off = struct.unpack(e + "I", d[4:8])[0]
+        n, at, size = struct.unpack(e + "H", d[off:off + 2])[0], off + 2, 12
+    dims = {}
+    for k in range(min(n, 4096)):
+        p = at + k * size
+        tag, typ = struct.unpack(e + "HH", d[p:p + 4])
+        if tag in (256, 257):
+            v = d[p + 12:p + 20] if big else d[p + 8:p + 12]
+            dims[tag] = struct.unpack(e + ("H" if typ == 3 else "I"), v[:2 if typ == 3 else 4])[0]
+    return (dims[256], dims[257]) if len(dims) == 2 else None
+
+
+def _webp_size(d: bytes):
+    chunk = d[12:16]
+    if chunk == b"VP8 " and d[23:26] == b"\x9d\x01\x2a":
+        w, h = struct.unpack("<HH", d[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    if chunk == b"VP8L" and d[20] == 0x2F:
+        (b,) = struct.unpack("<I", d[21:25])
+        return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8X":
+        w = int.from_bytes(d[24:27], "little") + 1
+        h = int.from_bytes(d[27:30], "little") + 1
+        return w, h
+    return None
+
+
+def _gif_size(d: bytes):
+    return struct.unpack("<HH", d[6:10])
+
+
+def _pnm_size(d: bytes):
+    text = re.sub(rb"#[^\n]*", b" ", d[2:256])
+    tokens = text.split()
+    return int(tokens[0]), int(tokens[1])
+
+
+_SIZE_READERS = dict(jpeg=_jpeg_size, png=_png_size, bmp=_bmp_size, tiff=_tiff_size,
+                     webp=_webp_size, gif=_gif_size, pnm=_pnm_size)
+
+
+def image_size(data: bytes, fmt: str | None = None):
+    """(width, height) declared by an image's header, without decoding pixels; None when the
+    format is unknown or the header is cut short or damaged."""
+    fmt = fmt or image_format(data)
+    try:
+        return _SIZE_READERS[fmt](data) if fmt else None
+    except (struct.error, IndexError, ValueError, KeyError):
+        return None
+
+
+def _looks_truncated(data: bytes, fmt: str) -> bool:
+    tail = data.rstrip(b"\x00")[-16:]
+    if fmt == "jpeg":
+        return not tail.endswith(b"\xff\xd9")
+    if fmt == "png":
+        return b"IEND" not in tail
+    return False
+
+
+# --- images ---------------------------------------------------------------------------
 
 def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode an encoded image to grayscale.
 
     Parameters
     ----------
-    data: the encoded file (JPEG, PNG, BMP, TIFF (first page), WebP).
-    max_pixels: refuse images that declare more pixels than this, before decoding.
+    data: the encoded file (JPEG, PNG, BMP, TIFF (first page only), WebP, GIF (first frame),
+        PNM). The format comes from the file's signature, not its name.
+    max_pixels: refuse images whose header declares more pixels than this, before decoding.
 
     Returns
     -------
-    np.ndarray, shape = (h, w), uint8. EXIF orientation is applied; 16-bit
-    images are scaled to 8 bits; alpha is dropped.
+    np.ndarray, shape = (h, w), uint8. EXIF orientation is applied (by OpenCV); 16-bit
+    images are scaled to 8 bits by their maximum; alpha is dropped; CMYK and palette
+    images are converted to gray.
+
+    Raises DecodeError naming the cause: empty file, not an image (with what the content
+    looks like), damaged header, over the pixel limit, truncated or damaged data.
     """
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    size = _header_size(data)
-    if size and size[0] * size[1] > max_pixels:
-        raise DecodeError(f"image declares {size[0]}x{size[1]} pixels, over the limit of "
-                          f"{max_pixels} (--max-pixels)")
+    fmt = image_format(data)
+    if fmt is None:
+        raise DecodeError(f"not a decodable image: content is "
+                          f"{describe_content(data[:HEAD_BYTES])}")
+    size = image_size(data, fmt)
+    if size is None:
+        raise DecodeError(f"damaged or truncated {fmt.upper()} header: no image size in the "
+                          f"first {len(data)} bytes")
+    w, h = size
+    if w * h == 0:
+        raise DecodeError(f"{fmt.upper()} header declares an empty {w}x{h} image")
+    if w * h > max_pixels:
+        raise DecodeError(f"image declares {w}x{h} pixels, over the limit of {max_pixels} "
+                          "(--max-pixels); refused before decoding (decompression bomb?)")
     buf = np.frombuffer(data, np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     except cv2.error as e:
-        raise DecodeError(f"image decoder refused the file: {str(e).strip()[:200]}") from None
+        if "Insufficient memory" in str(e):  # not the file's fault: the worker is short
+            raise MemoryError(f"OpenCV could not allocate the {w}x{h} image") from None
+        raise DecodeError(f"{fmt.upper()} decoder refused the file: "
+                          f"{str(e).strip()[:200]}") from None
     if img is None:
-        head = data[:64].lstrip().lower()
-        hint = " (looks like HTML/text)" if head.startswith((b"<", b"{")) or head.isascii() else ""
-        raise DecodeError(f"not a decodable image{hint}: OpenCV could not decode "
-                          f"{len(data)} bytes")
+        state = "truncated" if _looks_truncated(data, fmt) else "damaged"
+        raise DecodeError(f"{state} {fmt.upper()} data: OpenCV could not decode the "
+                          f"{w}x{h} image from {len(data)} bytes")
     if img.dtype != np.uint8:
-        img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, int(img.max())))
+        img = cv2.convertScaleAbs(img, alpha=255.0 / max(1, float(img.max())))
     if img.size > max_pixels:
         raise DecodeError(f"image is {img.shape[1]}x{img.shape[0]} pixels, over the limit of "
                           f"{max_pixels} (--max-pixels)")
     return np.ascontiguousarray(img)
 
+
+# --- videos ---------------------------------------------------------------------------
 
 def _rotation(frame: av.VideoFrame) -> int:
     """Clockwise display rotation in degrees from the frame's display matrix (0/90/180/270)."""
@@ -108,12 +267,83 @@ def rotate(gray: np.ndarray, degrees_cw: int) -> np.ndarray:
 
 
 class VideoStats:
-    """What ``iter_frames`` saw: decoded frames and the error that stopped it, if any."""
+    """What ``iter_frames`` saw: decoded frames, skipped packets and the error, if any."""
 
     def __init__(self):
         self.frames_decoded = 0
         self.frames_sampled = 0
+        self.bad_packets = 0
         self.error: str | None = None
+
+
+_TOO_BIG = re.compile(r"Picture size (\d+)x(\d+) (?:is invalid|exceeds)")
+_HINTS = {"moov atom not found": "no MP4 index (moov atom): truncated, or still being written"}
+
+
+def _ffmpeg_reason(logs, err: Exception | None = None) -> str:
+    """The error's text and the most severe FFmpeg log line, e.g. 'Invalid data found when
+    processing input (mov: no MP4 index ...)'."""
+    what = (getattr(err, "strerror", None) or str(err)) if err is not None else ""
+    lines = sorted(((lvl, name.split(",")[0], msg.strip()) for lvl, name, msg in logs
+                    if msg.strip() and lvl <= av.logging.ERROR), key=lambda x: x[0])
+    if lines:
+        _, name, msg = lines[0]
+        detail = f"{name}: {_HINTS.get(msg, msg)}"[:200]
+        return f"{what} ({detail})" if what else detail
+    return what[:200] or "unknown error"
+
+
+def _limit_error(logs, max_pixels: int) -> DecodeError | None:
+    for _, _, msg in logs:
+        m = _TOO_BIG.search(msg)
+        if m:
+            return DecodeError(f"video frames are {m[1]}x{m[2]} pixels, over the limit of "
+                               f"{max_pixels} (--max-pixels); refused before decoding")
+    return None
+
+
+def _duration_s(stream, container) -> float | None:
+    """The video stream's declared duration: stream header, Matroska DURATION tag, or the
+    container's duration when the video is its only stream."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = (stream.metadata or {}).get("DURATION", "")
+    m = re.match(r"(\d+):(\d+):(\d+(?:\.\d+)?)", tag)
+    if m:
+        return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3])
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return None
+
+
+def _ends_early(stats: VideoStats, expected: int, duration: float | None,
+                last_t: float | None) -> str | None:
+    """Why a video that decoded without errors looks cut short, or None. Every declared
+    length that is known (frame count, duration) must fall short, so that edit lists and
+    decoder priming frames do not count as damage."""
+    n = stats.frames_decoded
+    interval = last_t / (n - 1) if last_t and n > 1 else 0.0
+    checks, parts = [], []
+    if expected > 0:
+        checks.append(expected - n > max(SLACK_FRAMES, expected // 50))
+        parts.append(f"decoded {n} of the {expected} frames the container declares")
+    if duration is not None and last_t is not None:
+        checks.append(duration - last_t > max(SLACK_SECONDS, 3 * interval))
+        parts.append(f"last frame at {last_t:.3f} s of {duration:.3f} s")
+    if checks and all(checks):
+        return "video ends early (truncated or damaged): " + ", ".join(parts)
+    return None
+
+
+def _sniff(file) -> bytes:
+    """The first bytes of a path or seekable file, leaving the file where it was."""
+    if isinstance(file, (str, bytes)) or hasattr(file, "__fspath__"):
+        with open(file, "rb") as f:
+            return f.read(HEAD_BYTES)
+    pos = file.tell()
+    head = file.read(HEAD_BYTES)
+    file.seek(pos)
+    return head
 
 
 def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
@@ -126,10 +356,14 @@ def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
     file: a path or a seekable binary file object.
     sample_fps: frames per second to keep, chosen by presentation time (used when every_n == 0).
     every_n: keep every n-th decoded frame (1 = all frames).
-    max_pixels: refuse streams whose frames have more pixels than this.
-    stats: filled in with counts and the error that ended decoding early, if any. A
-        truncated or corrupt stream ends the iteration without raising when stats is given,
-        so frames decoded before the damage are kept.
+    max_pixels: refuse streams whose frames have more pixels than this; FFmpeg gets it as its
+        ``max_pixels`` option, so not even probing allocates a larger frame.
+    stats: filled in with counts and the error that spoiled the video, if any. When stats is
+        given, damage does not raise: undecodable packets are skipped (counted in
+        stats.bad_packets), a stream that ends early or breaks off stops the iteration, and
+        stats.error says what happened, so frames decoded around the damage are kept.
+        Files that cannot be opened at all, have no video stream or exceed max_pixels
+        always raise DecodeError.
 
     Yields
     ------
@@ -139,28 +373,85 @@ def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
     """
     raise_errors = stats is None
     stats = stats if stats is not None else VideoStats()
+    head = _sniff(file)
+    if not head:
+        raise DecodeError("empty file (0 bytes)")
+    content = describe_content(head)
+    if not content.startswith(("unrecognised", "an MP4", "a Matroska")):
+        raise DecodeError(f"not a video: content is {content}")
+    level, skip = av.logging.get_level(), av.logging.get_skip_repeated()
+    if level is None or level < av.logging.ERROR:
+        av.logging.set_level(av.logging.ERROR)  # so errors reach the Capture below
+    av.logging.set_skip_repeated(False)  # else a repeat count lands in the next file's log
+    limit = {"max_pixels": str(max_pixels)}
     try:
-        container = av.open(file, mode="r", metadata_errors="ignore")
-    except (av.FFmpegError, ValueError, OSError) as e:
-        raise DecodeError(f"not a decodable video: {e}") from None
-    with container:
-        if not container.streams.video:
-            raise DecodeError("no video stream (audio-only or data file)")
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        w, h = stream.codec_context.width, stream.codec_context.height
-        if w * h > max_pixels:
-            raise DecodeError(f"video frames are {w}x{h} pixels, over the limit of "
-                              f"{max_pixels} (--max-pixels)")
-        base = stream.time_base or Fraction(1, 1)
-        start = stream.start_time or 0
-        step = 1.0 / sample_fps if sample_fps > 0 else 0.0
-        next_t = 0.0
-        try:
-            for index, frame in enumerate(container.decode(stream)):
+        with av.logging.Capture(local=False) as logs:
+            try:
+                container = av.open(file, mode="r", metadata_errors="ignore", options=limit)
+            except (av.FFmpegError, ValueError, OSError) as e:
+                seen = f" (content: {content})" if content.startswith("unrec") else ""
+                raise DecodeError(f"not a decodable video: {_ffmpeg_reason(logs, e)}{seen}"
+                                  ) from None
+            with container:
+                yield from _decode_stream(container, sample_fps, every_n, max_pixels, stats,
+                                          logs, limit)
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip)
+    if stats.error and raise_errors:
+        raise DecodeError(stats.error)
+
+
+def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit):
+    if not container.streams.video:
+        audio = len(container.streams.audio)
+        raise DecodeError(f"no video stream ({'audio only' if audio else 'data only'}: "
+                          f"{audio} audio, {len(container.streams)} streams in all)")
+    stream = container.streams.video[0]
+    cc = stream.codec_context
+    cc.options = dict(limit)
+    cc.thread_type, cc.thread_count = "AUTO", DECODE_THREADS
+    w, h = cc.width, cc.height
+    if w * h > max_pixels:
+        raise DecodeError(f"video frames are {w}x{h} pixels, over the limit of "
+                          f"{max_pixels} (--max-pixels); refused before decoding")
+    too_big = _limit_error(logs, max_pixels)  # probing already refused a frame
+    if too_big:
+        raise too_big
+    base = stream.time_base or Fraction(1, 1)
+    start = stream.start_time or 0
+    step = 1.0 / sample_fps if sample_fps > 0 else 0.0
+    next_t, last_t, run, first_bad = 0.0, None, 0, None
+    index = -1
+    try:
+        for packet in container.demux(stream):
+            if len(logs) > 64:  # keep the log of a long, noisy video bounded
+                del logs[:-16]
+            try:
+                frames = packet.decode()
+            except (av.FFmpegError, ValueError) as e:
+                too_big = _limit_error(logs, max_pixels)
+                if too_big:
+                    raise too_big from None
+                if getattr(e, "errno", None) == errno.ENOMEM:  # the worker is short, not the file
+                    raise MemoryError(f"FFmpeg could not allocate a frame: "
+                                      f"{_ffmpeg_reason(logs[-5:], e)}") from None
+                stats.bad_packets += 1
+                run += 1
+                if first_bad is None:
+                    first_bad = f"{_ffmpeg_reason(logs[-5:], e)} near frame {index + 1}"
+                if run > MAX_BAD_PACKETS:
+                    stats.error = (f"gave up after {run} undecodable packets in a row "
+                                   f"(first: {first_bad})")
+                    break
+                continue
+            run = 0
+            for frame in frames:
+                index += 1
                 stats.frames_decoded = index + 1
                 pts = frame.pts if frame.pts is not None else frame.dts
                 t = float((pts - start) * base) if pts is not None else index * step
+                last_t = t
                 if every_n:
                     keep = index % every_n == 0
                 else:
@@ -175,10 +466,19 @@ def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
                 gray = frame.to_ndarray(format="gray")
                 stats.frames_sampled += 1
                 yield index, round(t, 6), rotate(gray, _rotation(frame))
-        except (av.FFmpegError, ValueError, MemoryError) as e:
-            msg = f"video stream damaged after {stats.frames_decoded} decoded frames: {e}"
-            stats.error = msg
-            if raise_errors:
-                raise DecodeError(msg) from None
-    if stats.frames_decoded == 0 and stats.error is None:
-        stats.error = "video has no decodable frames"
+    except (av.FFmpegError, OSError) as e:  # the container itself broke off
+        stats.error = (f"video stream damaged after {stats.frames_decoded} decoded frames: "
+                       f"{_ffmpeg_reason(logs[-5:], e)}")
+    problems = [stats.error] if stats.error else []
+    if not stats.error:
+        if stats.frames_decoded == 0:
+            problems.append("video has no decodable frames")
+        else:
+            early = _ends_early(stats, stream.frames or 0, _duration_s(stream, container),
+                                last_t)
+            if early:
+                problems.append(early)
+    if stats.bad_packets and not (stats.error or "").startswith("gave up"):
+        problems.append(f"skipped {stats.bad_packets} undecodable packet(s) (first: "
+                        f"{first_bad})")
+    stats.error = "; ".join(problems) or None

@@ -15,6 +15,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
@@ -33,13 +34,13 @@ def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict:
     Returns
     -------
     dict with accuracy, macro_precision, macro_recall, macro_f1 (unweighted mean over
-    the classes present in y_true), per_class {name: {precision, recall, f1, support}}, confusion_matrix
-    (rows = true, columns = predicted, as nested lists), classes and n. Values are
-    fractions in [0, 1].
+    the classes present in y_true), per_class {name: {precision, recall, f1, support}},
+    confusion_matrix (rows = true, columns = predicted, nested lists), classes and n.
+    Values are fractions in [0, 1].
     """
     y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
     labels = np.arange(len(classes))
-    present = np.unique(y_true)  # macro averages over classes the data has, like sklearn's
+    present = np.unique(y_true)  # a model class absent from the data would add a 0 recall
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels,
                                                  zero_division=0)
     cm = confusion_matrix(y_true, y_pred, labels=labels)
@@ -109,6 +110,7 @@ def plot_curves(history: list[dict], path: str, title: str = "Training") -> None
                 ax.plot(ep, [scale * v if v is not None else np.nan for v in vals], style,
                         label=part)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend()

@@ -143,7 +143,10 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
         ray.data.from_items(items, override_num_blocks=max(1, len(items) // BLOCKS_PER_FILE))
         .map_batches(
             FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
-            compute=ActorPoolStrategy(min_size=1, max_size=min(crop_actors, len(items))),
+            # start as many actors as the CPUs present now (not 1, then scale up: each actor
+            # start costs seconds of imports); grow to crop_actors as nodes join
+            compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(items)),
+                                      max_size=min(crop_actors, len(items))),
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 sample_fps=cfg.sample_fps, every_n_frames=every_n,

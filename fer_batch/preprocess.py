@@ -227,10 +227,18 @@ class FaceCropper:
             yield from self.process(entry)
 
     def process(self, entry: dict):
-        """Yield face batches, then exactly one file row, for one file entry."""
+        """Yield face batches, then exactly one file row, for one file entry.
+
+        Nothing about one file raises out of here: every failure (unreadable, vanished,
+        undecodable, over --max-pixels, out of memory, an unexpected exception) becomes the
+        file row's status "error" and a message naming the cause; faces found before a video
+        broke off are kept. A file whose earlier tries killed the worker process is given up
+        after max_attempts (docs/failures.md).
+        """
         t0 = time.perf_counter()
         frames = faces = 0
         status, error = "ok", None
+        stats, found = None, []
         tries = self.attempts(entry["uri"]) if self.attempts else 1
         if tries > self.max_attempts:  # earlier tries killed the worker (segfault, OOM kill)
             yield file_row(entry, status="error", error=f"worker died {tries - 1} times while "
@@ -238,7 +246,15 @@ class FaceCropper:
                            frames=0, faces=0, seconds=0.0, face_size=self.face_size,
                            channels=self.channels)
             return
+        crash_on = os.environ.get("FER_BATCH_TEST_CRASH_ON")  # test hook: docs/failures.md
+        if crash_on and crash_on in entry["uri"]:
+            import signal
+            os.kill(os.getpid(), signal.SIGKILL)  # what a decoder segfault or OOM kill does
         try:
+            local = not sources.is_s3(entry["uri"])
+            if local and os.path.exists(entry["uri"]) and not os.path.isfile(entry["uri"]):
+                raise decode.DecodeError("not a regular file (folder, FIFO, socket or device): "
+                                         "not read")  # opening a FIFO would block forever
             if entry["media_type"] == "image":
                 gray = decode.decode_image(sources.read_bytes(entry["uri"], self.endpoint_url),
                                            self.max_pixels)
@@ -250,7 +266,6 @@ class FaceCropper:
                                     self.channels, self.face_size)
             else:
                 stats = decode.VideoStats()
-                found = []
                 with sources.open_input(entry["uri"], self.endpoint_url) as f:
                     for index, ts, gray in decode.iter_frames(
                             f, sample_fps=self.sample_fps, every_n=self.every_n,
@@ -264,15 +279,30 @@ class FaceCropper:
                             yield face_rows(entry["uri"], "video", found, self.channels,
                                             self.face_size)
                             found = []
-                if found:
-                    yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
-                frames = stats.frames_decoded
                 if stats.error:
                     status, error = "error", stats.error
         except decode.DecodeError as e:
             status, error = "error", str(e)
-        except (OSError, ValueError, MemoryError, cv2.error) as e:
-            status, error = "error", f"{type(e).__name__}: {e}"
-        yield file_row(entry, status=status, error=error, frames=frames, faces=faces,
-                       seconds=time.perf_counter() - t0, face_size=self.face_size,
-                       channels=self.channels)
+        except FileNotFoundError as e:
+            status, error = "error", ("file not found when read (deleted or moved after "
+                                      f"listing?): {e}")
+        except PermissionError as e:
+            status, error = "error", f"permission denied: {e}"
+        except OSError as e:
+            status, error = "error", f"cannot read file: {type(e).__name__}: {e}"
+        except MemoryError as e:
+            status, error = "error", ("out of memory while processing this file "
+                                      f"({type(e).__name__}: {e}); see --max-pixels")
+        except cv2.error as e:
+            status, error = "error", f"OpenCV error: {str(e).strip().splitlines()[-1]}"
+        except Exception as e:  # a bug or an unforeseen library error: this file, not the run
+            import logging
+            logging.getLogger(__name__).exception("unexpected error on %s", entry["uri"])
+            status, error = "error", f"unexpected {type(e).__name__}: {e}"
+        if found:  # faces of a video that broke off mid-batch
+            yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
+        if stats is not None:
+            frames = stats.frames_decoded
+        yield file_row(entry, status=status, error=(error or "")[:1000] or None, frames=frames,
+                       faces=faces, seconds=time.perf_counter() - t0,
+                       face_size=self.face_size, channels=self.channels)

@@ -4,6 +4,7 @@ Layout of OUT (local path or s3://), documented in docs/output.md:
 
     OUT/faces/run_id=<RID>/part-*.parquet   committed face rows (hive partition run_id)
     OUT/files/run_id=<RID>/part-*.parquet   committed file rows
+    OUT/tracks/run_id=<RID>/part-*.parquet  committed face tracks (tracks.py), one row each
     OUT/_runs/<RID>.json                    run manifest; its presence = committed
     OUT/_staging/<RID>/{faces,files}/       a run in progress (invisible to readers)
     OUT/_staging/<RID>/READY.json           staging complete; commit may roll forward
@@ -32,7 +33,7 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fer_batch import sink, sources
+from fer_batch import sink, sources, tracks
 
 SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
 
@@ -135,7 +136,7 @@ class Output:
                     self.fs.delete_dir(info.path)
                     done.append(f"discarded staging of unfinished run {rid}")
         committed = self.committed_runs()
-        for table in ("faces", "files"):
+        for table in ("faces", "files", "tracks"):
             if not self.exists(self.path(table)):
                 continue
             for info in self.fs.get_file_info(pafs.FileSelector(self.path(table))):
@@ -151,7 +152,8 @@ class Output:
         ready = f"{stage}/READY.json"
         if not self.exists(ready):
             self.write_json(ready, manifest)
-        for table in ("faces", "files"):
+        self.track_staged(run_id, manifest)
+        for table in ("faces", "files", "tracks"):
             src, dst = f"{stage}/{table}", self.path(table, f"run_id={run_id}")
             if not self.exists(src):
                 continue
@@ -166,6 +168,51 @@ class Output:
         self.write_json(self.path("_runs", f"{run_id}.json"), dict(manifest, state="committed",
                                                                     committed=now_iso()))
         self.fs.delete_dir(stage)
+
+    def track_staged(self, run_id: str, manifest: dict) -> None:
+        """Link the staged faces into tracks (tracks.assign_tracks): rewrite staged faces with
+        track_id and stage the tracks table. Safe to redo when a commit is rolled forward:
+        TRACKED.json marks the tracking done; faces.tracked/ then replaces faces/."""
+        stage = self.staging(run_id)
+        faces, tracked = f"{stage}/faces", f"{stage}/faces.tracked"
+        marker = f"{stage}/TRACKED.json"
+        if self.exists(faces) and not self.exists(marker):
+            cfg = manifest.get("config") or {}
+            ds = pds.dataset(faces, filesystem=self.fs, format="parquet")
+            classes = [c for c in manifest["classes"] if c in ds.schema.names]
+            narrow = ds.to_table(columns=[*sink.FACE_KEY, "timestamp_s", "x", "y", "w", "h",
+                                          "model_id", *classes])  # no crops: stays small
+            ids, tracks_tbl = tracks.assign_tracks(
+                narrow, classes, min_score=cfg.get("min_score", 0.0),
+                iou_threshold=cfg.get("track_iou_threshold", tracks.IOU_THRESHOLD),
+                max_gap_s=cfg.get("track_max_gap_s", tracks.MAX_GAP_S),
+                smooth_s=cfg.get("track_smooth_s", tracks.SMOOTH_S))
+            ids = ids.select([*sink.FACE_KEY, "track_id"])
+            if self.exists(tracked):
+                self.fs.delete_dir(tracked)
+            self.fs.create_dir(tracked, recursive=True)
+            for path in ds.files:  # one part at a time: crops of one part in memory
+                part = pq.read_table(path, filesystem=self.fs)
+                names = part.column_names
+                names.insert(names.index("face_index") + 1, "track_id")
+                part = part.join(ids, keys=list(sink.FACE_KEY), join_type="left outer")
+                part = part.select(names)
+                pq.write_table(part, f"{tracked}/{path.rsplit('/', 1)[1]}", filesystem=self.fs,
+                               compression="zstd")
+            self.fs.create_dir(f"{stage}/tracks", recursive=True)
+            pq.write_table(tracks_tbl, f"{stage}/tracks/part-tracks.parquet", filesystem=self.fs,
+                           compression="zstd")
+            self.write_json(marker, dict(tracks=tracks_tbl.num_rows))
+        if self.exists(tracked):  # swap: a crash in between leaves tracked/ to redo it from
+            if self.exists(faces):
+                self.fs.delete_dir(faces)
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                self.fs.move(tracked, faces)
+            else:
+                self.fs.create_dir(faces, recursive=True)
+                for info in self.fs.get_file_info(pafs.FileSelector(tracked)):
+                    self.fs.copy_file(info.path, f"{faces}/{info.base_name}")
+                self.fs.delete_dir(tracked)
 
     def dedup_staged(self, run_id: str) -> int:
         """Drop rows written twice by retried Ray tasks (same key). Returns rows dropped."""
@@ -250,6 +297,29 @@ def read_faces(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool
     return tbl.to_pandas() if as_pandas else tbl
 
 
+def keep_latest(tbl: pa.Table, latest: pa.Table) -> pa.Table:
+    """Rows of tbl whose (source, run_id) is in latest. A filter, not a join: Arrow's hash
+    join cannot carry list columns such as tracks' segments."""
+    key = lambda t: pc.binary_join_element_wise(t["source"], t["run_id"], "\x00")  # noqa: E731
+    return tbl.filter(pc.is_in(key(tbl), value_set=key(latest)))
+
+
+def read_tracks(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
+                columns=None):
+    """Tracks rows (tracks.py) of committed runs, keeping for each source only the run that
+    produced its latest files row, like read_faces."""
+    out = Output(out_uri, endpoint_url)
+    ds, runs = _dataset(out, "tracks")
+    if ds is None:
+        return None if not as_pandas else __import__("pandas").DataFrame()
+    latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
+    tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
+    tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
+                         pc.cast(tbl["run_id"], pa.string()))
+    tbl = keep_latest(tbl, latest).sort_by([("source", "ascending"), ("track_id", "ascending")])
+    return tbl.to_pandas() if as_pandas else tbl
+
+
 def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
     """source -> (size_bytes, mtime_ns) for files --incremental may skip."""
     tbl = read_files(out_uri, endpoint_url=endpoint_url)
@@ -259,3 +329,57 @@ def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple
         if st in SKIP_STATUSES:
             idx[s] = (size, mt)
     return idx
+
+
+def compact(out_uri: str, endpoint_url: str | None = None) -> str:
+    """Merge every committed run of OUT into one new run holding, per source, the rows of its
+    latest run (what read_faces/read_files return). The new run commits before the old ones
+    are removed, so readers always see one complete view. Returns a one-line summary."""
+    out = Output(out_uri, endpoint_url)
+    rid = new_run_id()
+    out.acquire(rid)
+    try:
+        out.recover()
+        old = out.committed_runs()
+        if len(old) < 2:
+            return f"{out.uri}: {len(old)} committed run(s), nothing to compact"
+        class_sets = {tuple(m.get("classes", ())) for m in old.values()}
+        if len(class_sets) > 1:
+            raise ValueError(f"{out.uri}: runs of models with different classes cannot be "
+                             "compacted into one table; compact into separate outputs")
+        latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
+        stage = out.staging(rid)
+        rows = {}
+        for table in ("faces", "files", "tracks"):
+            if not out.exists(out.path(table)):
+                continue
+            ds = pds.dataset(out.path(table), filesystem=out.fs, format="parquet",
+                             partitioning="hive")
+            for old_id in old:
+                part = ds.to_table(filter=pc.field("run_id") == old_id)
+                if part.num_rows == 0:
+                    continue
+                part = part.set_column(part.schema.get_field_index("run_id"), "run_id",
+                                       pc.cast(part["run_id"], pa.string()))
+                names = [n for n in part.column_names if n != "run_id"]
+                part = keep_latest(part, latest).select(names)  # a join cannot carry segments
+                if part.num_rows:
+                    out.fs.create_dir(f"{stage}/{table}", recursive=True)
+                    pq.write_table(part, f"{stage}/{table}/part-{old_id}.parquet",
+                                   filesystem=out.fs, compression="zstd")
+                    rows[table] = rows.get(table, 0) + part.num_rows
+        out.write_json(f"{stage}/TRACKED.json", dict(note="compacted rows keep their track_id"))
+        last = old[list(old)[-1]]
+        manifest = dict(run_id=rid, started=now_iso(), finished=now_iso(), compacted_from=list(old),
+                        model_id=last.get("model_id"), classes=last.get("classes"),
+                        config=last.get("config"), rows=rows)
+        out.commit(rid, manifest)
+        for old_id in old:  # manifest first: from here on the old run is invisible
+            out.fs.delete_file(out.path("_runs", f"{old_id}.json"))
+            for table in ("faces", "files", "tracks"):
+                p = out.path(table, f"run_id={old_id}")
+                if out.exists(p):
+                    out.fs.delete_dir(p)
+        return f"{out.uri}: compacted {len(old)} runs into run {rid} ({rows})"
+    finally:
+        out.release()

@@ -68,7 +68,8 @@ def list_labeled(data: str, endpoint_url: str | None = None):
         rel = info.path[len(root) + 1:].replace("\\", "/")
         parts = rel.split("/")
         if (info.type == pafs.FileType.File and len(parts) >= 2
-                and not any(p.startswith(".") for p in parts) and sources.media_type(rel) == "image"):
+                and not any(p.startswith(".") for p in parts)
+                and sources.media_type(rel) == "image"):
             paths.append(rel)
     paths.sort()
     labels = [p.split("/")[0] for p in paths]
@@ -174,7 +175,9 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> 
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        return base_lr * (t / 0.05 if t < 0.05 else 0.5 * (1 + math.cos(math.pi * (t - 0.05) / 0.95)))
+        if t < 0.05:
+            return base_lr * t / 0.05
+        return base_lr * 0.5 * (1 + math.cos(math.pi * (t - 0.05) / 0.95))
     if schedule == "onecycle":
         lo, hi, end = base_lr / 25, base_lr, base_lr / 1e4
         if t < 0.3:
@@ -226,12 +229,13 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    data = ray.get(config["data_ref"])
+    data = {k: np.array(v) for k, v in ray.get(config["data_ref"]).items()}  # writable copies
     torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
     net = build_model(**config["model_args"])
     if config.get("init_ref") is not None:
         net.load_state_dict(ray.get(config["init_ref"]))
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=opt["weight_decay"])
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=opt["weight_decay"],
+                                 fused=True)  # one kernel: 7x faster than the loop on a CPU
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # a restart after a failure: continue where the last report left off
@@ -430,7 +434,7 @@ def fit(cfg: TrainConfig) -> dict:
                 dataclasses.asdict(cfg), **opt), data=dict(data_summary, fold=m["fold"]),
             metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
         m["wall_seconds"] = time.perf_counter() - t_start
-        evaluate.write_report(out, m, history, f"{cfg.split if not cfg.folds else f'fold {k}'}")
+        evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
         with open(os.path.join(out, "split.json"), "w") as f:
             json.dump(split_files, f)
         print(f"{'fold %d: ' % k if cfg.folds else ''}test {evaluate.format_metrics(m)}",
@@ -444,6 +448,11 @@ def fit(cfg: TrainConfig) -> dict:
                    wall_seconds=time.perf_counter() - t_start)
     for key in evaluate.HEADLINE:  # headline = mean over folds, so callers read one shape
         summary[key] = summary["cv"][key]["mean"]
+    # every image is tested once across the folds: the summed matrix covers the whole folder
+    summary["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
+    evaluate.plot_confusion(summary["confusion_matrix"], classes,
+                            os.path.join(cfg.output, "confusion_matrix.png"),
+                            f"{cfg.folds}-fold by subject, all test folds")
     shutil.copyfile(os.path.join(cfg.output, "fold0", "model.pt"),
                     os.path.join(cfg.output, "model.pt"))
     with open(os.path.join(cfg.output, "metrics.json"), "w") as f:

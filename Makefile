@@ -1,0 +1,41 @@
+# The two commands of the README:  `make run`  (the main job end to end)  and  `make test`.
+# Both create .venv and install fer-batch into it on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+DATA ?= ../shared/data/ckplus48# labeled folder for training (one subfolder per class)
+ARCHIVE ?= ../shared/data# images and videos to annotate
+RUN ?= runs/main# where the model, the annotations and the report go
+TRAIN_ARGS ?=# e.g. TRAIN_ARGS="--epochs 2" for a quicker model
+ANNOTATE_ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(BIN)/fer-batch train $(strip $(DATA)) --output $(strip $(RUN))/model $(TRAIN_ARGS)
+	$(BIN)/fer-batch annotate $(strip $(ARCHIVE)) --model $(strip $(RUN))/model/model.pt \
+		--output $(strip $(RUN))/annotations --incremental $(ANNOTATE_ARGS)
+	$(BIN)/fer-batch report $(strip $(RUN))/annotations
+
+# headless Chromium for the report's rendering test (Debian package; skipped when not root)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
+		echo "chromium not installed: the report rendering test will be skipped"; }
+
+test: setup browser
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,188 @@
+"""fer_batch.train and fer_batch.evaluate on real CK+48 images with a real local Ray.
+
+One real Ray Train run (2 CPU workers, 1 epoch, a 6-image-per-class slice copied to
+tmp_path, plus a corrupt file) is shared by the end-to-end tests; the split tests are
+pure functions over the full labels.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fer_batch import evaluate, train
+from fer_batch.config import TrainConfig
+from fer_batch.model import load_checkpoint
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+CKPLUS = DATA / "ckplus48"
+PER_CLASS = 6  # images per class in the training slice: 42 images, ~1 min on 2 cores
+CORRUPT = "anger/S999_001_00000001.png"  # truncated PNG header, added to the slice
+
+needs_data = pytest.mark.skipif(not CKPLUS.is_dir(),
+                                reason=f"CK+48 not found at {CKPLUS} (shared test data)")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def copy_slice(dst: Path, per_class: int) -> None:
+    """The first per_class images of each class, and labels.csv, under dst."""
+    for cls in sorted(p.name for p in CKPLUS.iterdir() if p.is_dir()):
+        (dst / cls).mkdir(parents=True)
+        for f in sorted((CKPLUS / cls).iterdir())[:per_class]:
+            shutil.copy(f, dst / cls / f.name)
+    shutil.copy(CKPLUS / "labels.csv", dst / "labels.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data, out = root / "data", root / "out"
+    copy_slice(data, PER_CLASS)
+    (data / CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    cfg = TrainConfig(data=str(data), output=str(out), epochs=1, split="subject",
+                      num_workers=2, use_gpu="no", seed=0)
+    metrics = train.fit(cfg)
+    return cfg, metrics, root
+
+
+# --- pure: splits, subjects, schedule ---------------------------------------------------------
+
+@needs_data
+def test_subject_split_never_leaks():
+    paths, labels, classes = train.list_labeled(str(CKPLUS))
+    y = np.array([classes.index(c) for c in labels])
+    groups = train.read_subjects(str(CKPLUS), paths)
+    with open(CKPLUS / "labels.csv") as f:
+        table = {r["path"]: r["subject"] for r in csv.DictReader(f)}
+    assert len(paths) == 981 and len(set(groups)) == 118
+    assert all(table[p] == g for p, g in zip(paths, groups))  # labels.csv, not the regex
+    for seed in range(3):
+        tr, te = train.split_indices(y, groups, "subject", 0.2, seed)
+        assert not set(groups[tr]) & set(groups[te])
+        assert len(tr) + len(te) == len(y) and 0.1 < len(te) / len(y) < 0.3
+        assert set(y[te]) == set(range(len(classes)))  # stratified: every class is tested
+    folds = train.fold_indices(y, groups, 5, seed=0)
+    assert np.array_equal(np.sort(np.concatenate([te for _, te in folds])), np.arange(len(y)))
+    for tr, te in folds:
+        assert not set(groups[tr]) & set(groups[te])
+
+
+@needs_data
+def test_random_split_is_stratified_and_seeded():
+    paths, labels, classes = train.list_labeled(str(CKPLUS))
+    y = np.array([classes.index(c) for c in labels])
+    tr, te = train.split_indices(y, None, "random", 0.2, seed=0)
+    assert len(te) == 197 and not set(tr) & set(te)
+    assert np.allclose(np.bincount(y[te]) / len(te), np.bincount(y) / len(y), atol=0.01)
+    assert np.array_equal(te, train.split_indices(y, None, "random", 0.2, seed=0)[1])
+
+
+def test_subject_from_pattern_when_not_in_labels(tmp_path):
+    groups = train.read_subjects(str(tmp_path), ["anger/S042_001_00000007.png",
+                                                 "fear/KA.FE1.2.tiff"])
+    assert list(groups) == ["S042", "KA"]
+    with pytest.raises(ValueError, match="subject-pattern"):
+        train.read_subjects(str(tmp_path), ["anger/001.png"])
+
+
+def test_lr_schedules():
+    assert train.lr_at(5, 100, 1e-4, "constant") == 1e-4
+    one = [train.lr_at(s, 100, 1e-3, "onecycle") for s in range(100)]
+    assert abs(max(one) - 1e-3) < 1e-6 and one[0] < 1e-4 and one[-1] < 1e-5
+    cos = [train.lr_at(s, 100, 1e-3, "cosine") for s in range(100)]
+    assert cos[0] == 0 and abs(max(cos) - 1e-3) < 1e-6 and cos[-1] < 1e-5
+
+
+def test_augment_keeps_shape_and_dtype():
+    faces = np.random.default_rng(0).integers(0, 256, (4, 1, 48, 48), dtype=np.uint8)
+    out = train.augment_faces(faces, np.random.default_rng(1))
+    assert out.shape == faces.shape and out.dtype == np.uint8 and not np.array_equal(out, faces)
+
+
+def test_missing_pretrained_file_fails_fast(tmp_path):
+    import cv2
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        cv2.imwrite(str(tmp_path / cls / "x.png"), np.zeros((48, 48), np.uint8))
+    cfg = TrainConfig(data=str(tmp_path), pretrained=str(tmp_path / "nope.pth"))
+    with pytest.raises(RuntimeError, match="no such file"):
+        train.check_config(cfg)
+
+
+# --- real Ray Train ---------------------------------------------------------------------------
+
+@needs_data
+def test_train_writes_a_loadable_checkpoint(trained):
+    cfg, metrics, _ = trained
+    out = Path(cfg.output)
+    for name in ("model.pt", "metrics.json", "split.json", "confusion_matrix.png",
+                 "training_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not (out / "_ray_train").exists()  # Ray Train's epoch checkpoints are cleaned up
+    model, meta = load_checkpoint(str(out / "model.pt"))
+    assert meta["classes"] == ["anger", "contempt", "disgust", "fear", "happiness", "sadness",
+                               "surprise"]
+    assert meta["model_id"] == metrics["model_id"]
+    assert meta["train_config"]["split"] == "subject" and meta["train_config"]["epochs"] == 1
+    assert meta["metrics"]["accuracy"] == pytest.approx(metrics["accuracy"])
+    on_disk = json.loads((out / "metrics.json").read_text())
+    for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class",
+                "confusion_matrix", "classes", "n_train", "n_test", "epochs", "seed",
+                "history", "wall_seconds"):
+        assert key in on_disk, key
+    assert len(on_disk["history"]) == 1 and on_disk["history"][0]["test_acc"] is not None
+    # the workers' own end-of-epoch test accuracy equals the driver's scoring of model.pt
+    assert on_disk["history"][-1]["test_acc"] == pytest.approx(metrics["accuracy"])
+    split = json.loads((out / "split.json").read_text())
+    train_subjects = {p.rsplit("/", 1)[-1][:4] for p in split["train"]}
+    assert not train_subjects & set(split["test_subjects"])
+
+
+@needs_data
+def test_corrupt_image_is_reported_and_skipped(trained):
+    cfg, metrics, _ = trained
+    assert [s["path"] for s in metrics["skipped"]] == [CORRUPT]
+    assert metrics["n_train"] + metrics["n_test"] == 7 * PER_CLASS
+    _, meta = load_checkpoint(str(Path(cfg.output) / "model.pt"))
+    assert meta["data"]["skipped"][0]["path"] == CORRUPT
+
+
+@needs_data
+def test_evaluate_reproduces_training_metrics(trained, tmp_path):
+    cfg, metrics, _ = trained
+    split = json.loads((Path(cfg.output) / "split.json").read_text())
+    for rel in split["test"]:
+        (tmp_path / "test" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(cfg.data) / rel, tmp_path / "test" / rel)
+    got = evaluate.evaluate_folder(str(tmp_path / "test"), str(Path(cfg.output) / "model.pt"),
+                                   str(tmp_path / "eval"))
+    assert got["confusion_matrix"] == metrics["confusion_matrix"]
+    for key in evaluate.HEADLINE:
+        assert got[key] == pytest.approx(metrics[key])
+    assert (tmp_path / "eval" / "confusion_matrix.png").stat().st_size > 0
+
+
+@needs_data
+def test_evaluate_reports_unknown_and_missing_classes(trained, tmp_path):
+    cfg, _, _ = trained
+    data = tmp_path / "data"
+    copy_slice(data, 2)
+    shutil.rmtree(data / "contempt")
+    shutil.copytree(data / "fear", data / "neutral")  # a class the CK+ model does not know
+    got = evaluate.evaluate_folder(str(data), str(Path(cfg.output) / "model.pt"), None)
+    assert got["excluded_classes"] == {"neutral": 2}
+    assert got["missing_classes"] == ["contempt"]
+    assert got["n"] == 12 and got["classes"][1] == "contempt"
+    assert got["per_class"]["contempt"]["support"] == 0
