@@ -32,6 +32,7 @@ CKPLUS = DATA / "ckplus48"
 MEDIA_EXT = (".mp4", ".avi", ".mov", ".mkv", ".jpg", ".jpeg", ".png", ".tiff", ".tif")
 IOU_MATCH = 0.5  # a detection matches a ground-truth box at IoU >= 0.5 (PASCAL VOC rule)
 SAMPLE_S = 0.5  # process-tree sampling period, seconds
+RAY_PORT = 6391  # GCS port of the benchmark's own Ray cluster (not 6379: others use it here)
 
 
 def media_files(folder: Path) -> list[Path]:
@@ -103,7 +104,7 @@ def machine_state() -> dict:
     cpu = []
     for p in busy:
         try:
-            cpu.append((p.cpu_percent(), " ".join(p.info["cmdline"] or [p.info["name"]])[:60]))
+            cpu.append((p.cpu_percent(), " ".join(p.info["cmdline"] or [p.info["name"]]).strip()[:60]))
         except psutil.Error:
             pass
     cpu.sort(reverse=True)
@@ -218,21 +219,37 @@ def start_ray(temp_dir: Path, cpus: int = 2, tries: int = 4) -> float:
     """`ray start --head` once for all runs (a driver's own start times out after 30 s on a
     machine this loaded); returns the seconds it took. Stop with stop_ray()."""
     temp_dir.mkdir(parents=True, exist_ok=True)
-    ray = PY.parent / "ray"
-    for i in range(tries):
+    for i in range(tries):  # bench/ray_start.py: `ray start` that waits for a slow raylet
         t0 = time.perf_counter()
-        rc = subprocess.run([ray, "start", "--head", f"--num-cpus={cpus}", "--num-gpus=0",
+        rc = subprocess.run([PY, REPO / "bench" / "ray_start.py", "--head",
+                             f"--num-cpus={cpus}", "--num-gpus=0", f"--port={RAY_PORT}",
                              "--include-dashboard=false", f"--temp-dir={temp_dir}",
                              "--disable-usage-stats"], capture_output=True, text=True)
         if rc.returncode == 0:
             return time.perf_counter() - t0
         log(f"ray start failed (try {i + 1}): {rc.stderr[-300:]}")
-        subprocess.run([ray, "stop", "--force"], capture_output=True)
+        stop_ray(temp_dir)
     raise RuntimeError("ray start failed")
 
 
-def stop_ray() -> None:
-    subprocess.run([PY.parent / "ray", "stop"], capture_output=True)
+def stop_ray(temp_dir: Path) -> None:
+    """Stop only the cluster started with temp_dir (never `ray stop`: that would stop the
+    other engineers' Ray clusters on this shared machine too)."""
+    procs = []
+    mine = [p.pid for p in psutil.process_iter(["cmdline"])
+            if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    for pid in mine:
+        try:
+            p = psutil.Process(pid)
+            procs += p.children(recursive=True) + [p]
+        except psutil.Error:
+            pass
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 def run_measured(cmd: list, *, env: dict | None = None, pss: bool = True,

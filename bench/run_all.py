@@ -302,7 +302,7 @@ def main(argv=None):
         run_parts(a, z, results, path)
     finally:
         if a.shared_ray:
-            C.stop_ray()
+            C.stop_ray(C.WORK / "rt")
     results["mode"] = mode
     C.save_json(path, results)
     Path(a.md).write_text(report.render(results, mode))
@@ -313,7 +313,7 @@ def run_parts(a, z, results, path):
     for name, fn in PARTS.items():
         if a.only and name not in a.only.split(","):
             continue
-        C.log(f"part {name} ({mode})")
+        C.log(f"part {name}")
         state = C.machine_state()
         t0 = time.perf_counter()
         results[name] = dict(machine=state, **fn(z, a.quick))

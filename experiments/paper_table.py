@@ -26,6 +26,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import ray
 import torch
@@ -44,6 +45,7 @@ class ExperimentConfig(TrainConfig):
     """TrainConfig plus the options train.TRAIN_OPTIONS reads (not yet CLI flags)."""
     schedule: str = "constant"
     label_smoothing: float = 0.0
+    resume_from: Optional[str] = None
 
 
 TUNED = dict(lr=1e-3, schedule="onecycle", label_smoothing=0.1, augment=True, batch_size=8,
@@ -79,13 +81,21 @@ def run_imagenet(out: str) -> None:
 
 
 def run_train(out: str, name: str, cfg: ExperimentConfig, command: str) -> None:
-    t0 = time.perf_counter()
-    metrics = train.fit(cfg)
+    train.fit(cfg)
+    record(out, name, cfg, command)
+
+
+def record(out: str, name: str, cfg: ExperimentConfig, command: str) -> None:
+    """run.json from the metrics.json that fit wrote (also --record-only, after a crash)."""
+    with open(f"{out}/{name}/metrics.json") as f:
+        metrics = json.load(f)
+    cv = "cv" in metrics
     save(out, name, dict(name=name, command=command, config=dataclasses.asdict(cfg),
-                         wall_seconds=time.perf_counter() - t0,
+                         wall_seconds=metrics["wall_seconds"],
+                         train_seconds=sum(h["seconds"] for h in metrics.get("history", [])),
                          metrics={k: v for k, v in metrics.items() if k != "folds"},
                          folds=[{k: f[k] for k in evaluate.HEADLINE + ("n_train", "n_test")}
-                                for f in metrics.get("folds", [])]))
+                                for f in metrics["folds"]] if cv else []))
 
 
 def run_jaffe(out: str, jaffe: str) -> None:
@@ -171,9 +181,19 @@ def main(argv=None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=None, help="default: OUT/table.md (pasted into RESULTS.md)")
     p.add_argument("--render-only", action="store_true")
+    p.add_argument("--record-only", action="store_true", help="write run.json of --runs from "
+                   "their metrics.json (after the script itself failed)")
+    p.add_argument("--resume-from", default=None, help="Ray Train checkpoint folder of an "
+                   "interrupted run (single-split runs only)")
     args = p.parse_args(argv)
-    if not args.render_only:
+    if args.record_only:
         cfgs = configs(args.data, args.out, args.seed)
+        for name in args.runs.split(","):
+            record(args.out, name, cfgs[name], f"python experiments/paper_table.py --runs {name} "
+                   f"--seed {args.seed}")
+    elif not args.render_only:
+        cfgs = {k: dataclasses.replace(c, resume_from=args.resume_from)
+                for k, c in configs(args.data, args.out, args.seed).items()}
         ray.init(num_cpus=2, include_dashboard=False)
         for name in args.runs.split(","):
             if name == "imagenet":
@@ -182,7 +202,8 @@ def main(argv=None) -> None:
                 run_jaffe(args.out, args.jaffe)
             else:
                 run_train(args.out, name, cfgs[name],
-                          f"python experiments/paper_table.py --runs {name} --seed {args.seed}")
+                          f"python experiments/paper_table.py --runs {name} --seed {args.seed}"
+                          + (f" --resume-from {args.resume_from}" if args.resume_from else ""))
         ray.shutdown()
     render(args.out, args.results or os.path.join(args.out, "table.md"))
 

@@ -81,6 +81,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint (model.pt)")
     p.add_argument("--output", default="fer-eval", help="folder for metrics.json and plots")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for S3-compatible stores")
+    p.add_argument("--detect-faces", action=argparse.BooleanOptionalAction, default=False,
+                   help="crop the largest Haar face of each image first (for full photos "
+                   "such as JAFFE; off for ready-made crops such as CK+48)")
     p = sub.add_parser("report", help="self-contained HTML report of an output folder")
     p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
     p.add_argument("--html", default=None, help="where to write the page "
@@ -160,6 +163,11 @@ def annotate(cfg: AnnotateConfig) -> int:
 
 def train(cfg: TrainConfig) -> int:
     from fer_batch import train as train_mod
+    try:  # fail fast, before Ray starts: options, data folder, --pretrained weights
+        train_mod.check_config(cfg)
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"fer-batch train: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     init_ray(cfg.address)
     metrics = train_mod.fit(cfg)
     print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}))
@@ -175,7 +183,8 @@ def main(argv=None) -> int:
         code = train(config_from_args(TrainConfig, args))
     elif args.command == "evaluate":
         from fer_batch import evaluate
-        metrics = evaluate.evaluate_folder(args.data, args.model, args.output, args.endpoint_url)
+        metrics = evaluate.evaluate_folder(args.data, args.model, args.output, args.endpoint_url,
+                                           detect_faces=args.detect_faces)
         print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
         code = 0
     elif args.command == "report":

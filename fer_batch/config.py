@@ -71,6 +71,15 @@ class AnnotateConfig:
     min_score: float = opt(0.0, "Below this top probability the label is 'uncertain' "
                            "(probabilities are kept).", "inference")
 
+    # --- face tracks (videos; see docs/report.md)
+    track_iou_threshold: float = opt(0.3, "Smallest IoU between a track's predicted box and a "
+                                     "face to link them.", "tracks")
+    track_max_gap_s: float = opt(2.0, "A track ends after this many seconds without a face.",
+                                 "tracks")
+    track_smooth_s: float = opt(1.0, "Width of the centred moving average over per-frame "
+                                "probabilities before a track is cut into label segments.",
+                                "tracks")
+
     # --- cluster
     address: Optional[str] = opt(None, "Ray cluster to join (e.g. ray://head:10001 or auto). "
                                  "Default: the cluster of a `ray job submit` job, else an "
@@ -115,6 +124,10 @@ class TrainConfig:
     epochs: int = opt(8, "Training epochs (paper: 8).", "model")
     augment: bool = opt(False, "Random flips, shifts and small rotations on training images.",
                         "model")
+    schedule: str = opt("constant", "Learning-rate schedule (paper: constant).", "model",
+                        choices=("constant", "cosine", "onecycle"))
+    label_smoothing: float = opt(0.0, "Cross-entropy label smoothing (paper: 0).", "model")
+    weight_decay: float = opt(0.0, "Adam L2 penalty (paper: 0).", "model")
 
     # --- cluster
     num_workers: int = opt(0, "Ray Train workers (0 = one per GPU, else 2 CPU workers).",
@@ -122,6 +135,11 @@ class TrainConfig:
     use_gpu: str = opt("auto", "auto, yes or no.", "cluster", choices=("auto", "yes", "no"))
     address: Optional[str] = opt(None, "Ray cluster to join (default: job's cluster or local).",
                                  "cluster")
+    storage_path: Optional[str] = opt(None, "Where Ray Train keeps per-epoch checkpoints "
+                                      "(default: OUTPUT/_ray_train; use shared storage or s3:// "
+                                      "on a multi-node cluster).", "cluster")
+    resume_from: Optional[str] = opt(None, "Resume from a Ray Train checkpoint folder "
+                                     "(state.pt) left by an interrupted run.", "cluster")
 
 
 def config_fields(cls):

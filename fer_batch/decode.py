@@ -27,9 +27,8 @@ import numpy as np
 
 MAX_PIXELS = 120_000_000  # default frame/image pixel limit: a 12000x10000 scan passes
 MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is given up
-DECODE_THREADS = 1  # FFmpeg threads per video: each holds a frame in flight (memory), and Ray
-#                     already runs one actor per core; 1 thread costs 13% less CPU per 1080p
-#                     h264 frame than 2 (8.7 vs 10.1 ms, BENCHMARKS.md)
+DECODE_THREADS = 2  # FFmpeg threads per video: each holds a frame in flight (memory), and Ray
+#                     already runs one actor per core
 SLACK_FRAMES = 2  # frames a complete video may fall short of its container's count (priming)
 SLACK_SECONDS = 0.5  # seconds a complete video's last frame may end before its duration
 HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not media
@@ -383,6 +382,8 @@ def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
     if level is None or level < av.logging.ERROR:
         av.logging.set_level(av.logging.ERROR)  # so errors reach the Capture below
     av.logging.set_skip_repeated(False)  # else a repeat count lands in the next file's log
+    # FFmpeg logging is process-wide: decode one video at a time per process (as Ray's
+    # actors do), or the causes in the messages of concurrent videos may mix
     limit = {"max_pixels": str(max_pixels)}
     try:
         with av.logging.Capture(local=False) as logs:

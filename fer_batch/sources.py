@@ -14,7 +14,6 @@ import functools
 import io
 import os
 import posixpath
-import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 

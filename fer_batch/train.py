@@ -42,6 +42,7 @@ TRAIN_OPTIONS = dict(  # extra options and their defaults (the paper: constant l
     weight_decay=0.0,  # Adam L2 penalty
     channels=preprocess.CHANNELS,  # model input planes (prepare_faces)
     storage_path=None,  # Ray Train checkpoints (default: OUTPUT/_ray_train; shared on clusters)
+    resume_from=None,  # a Ray Train checkpoint folder (state.pt) of an interrupted run
 )
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 SHIFT_PX, ROTATE_DEG = 4, 10  # --augment: random translation (pixels) and rotation (degrees)
@@ -237,8 +238,10 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=opt["weight_decay"],
                                  fused=True)  # one kernel: 7x faster than the loop on a CPU
     start, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # a restart after a failure: continue where the last report left off
+    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
+    if checkpoint is None and opt["resume_from"]:  # a run whose driver died (same data, seed)
+        checkpoint = ray.train.Checkpoint.from_directory(opt["resume_from"])
+    if checkpoint:  # continue where the last report left off
         with checkpoint.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])

@@ -297,7 +297,8 @@ def write_corpus(folder) -> dict[str, Case]:
         Case("error", r"^not a decodable video"))
     put("bad/text.mp4", b"this is not a video\n" * 50,
         Case("error", r"^not a video: content is plain text$"))
-    put("bad/error_page.jpg", HTML_PAGE, Case("error", r"^not a decodable image: content is an HTML page"))
+    put("bad/error_page.jpg", HTML_PAGE,
+        Case("error", r"^not a decodable image: content is an HTML page"))
     put("bad/video_named.png", write_video(root / "bad/_tmp.mp4", blank_frames(3)).read_bytes(),
         Case("error", r"^not a decodable image: content is an MP4/MOV video"))
     (root / "bad/_tmp.mp4").unlink()

@@ -35,6 +35,11 @@ BOOT_KEY = "bootstrap"  # moto ignores signatures until authentication is switch
 USER = "fer-batch-test"
 DENIED_PREFIX = "denied/"  # the test user may not GetObject keys under this prefix
 START_TIMEOUT_S = 30  # moto's Flask app imports in ~2 s; generous for a loaded machine
+SERVER_MAIN = (  # moto_server, exiting when its stdin closes: it dies with the test process
+    "import os, sys, threading\n"
+    "threading.Thread(target=lambda: (sys.stdin.read(), os._exit(0)), daemon=True).start()\n"
+    "from moto.server import main\n"
+    "main()\n")
 
 
 def free_port() -> int:
@@ -64,9 +69,9 @@ class MotoS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, MOTO_PORT=str(self.port))
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from moto.server import main; main()",
-             "-H", "127.0.0.1", "-p", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [sys.executable, "-c", SERVER_MAIN, "-H", "127.0.0.1", "-p", str(self.port)],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         try:
             _wait_for_port(self.port, self.proc, START_TIMEOUT_S)
             self.access_key, self.secret_key = self._create_user()
@@ -107,6 +112,7 @@ class MotoS3:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.proc.stdin.close()
             self.proc.terminate()
             try:
                 self.proc.wait(timeout=10)

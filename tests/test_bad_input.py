@@ -18,10 +18,10 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 import corpus
 from fer_batch import cli, decode, pipeline, runs
-from fer_batch import model as M
 from fer_batch.config import AnnotateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,15 +259,18 @@ def _bad_checkpoints(folder: Path, good: str) -> dict[str, tuple[Path, str]]:
     out["empty"] = (folder / "empty.pt", r"empty file")
     out["missing"] = (folder / "missing.pt", r"cannot read model|not found")
     ck = torch.load(good, weights_only=True)
-    torch.save(dict(ck, arch="resnet18"), folder / "arch.pt")
+    r18 = torchvision.models.resnet18(num_classes=7).state_dict()
+    torch.save(dict(ck, arch="resnet18", state_dict=r18), folder / "arch.pt")
     out["wrong arch"] = (folder / "arch.pt", r"architecture 'resnet18', expected 'resnet50'")
-    small = M.build_model(num_classes=3)
-    torch.save(dict(ck, state_dict=small.state_dict()), folder / "shape.pt")
-    out["wrong shapes"] = (folder / "shape.pt", r"weights do not fit resnet50")
-    torch.save(small.state_dict(), folder / "plain.pt")
-    out["plain state_dict"] = (folder / "plain.pt", r"not a fer-batch checkpoint")
+    torch.save(dict(ck, state_dict={f"net.{k}": v for k, v in r18.items()}),
+               folder / "r18_as_r50.pt")
+    out["resnet18 weights labelled resnet50"] = (folder / "r18_as_r50.pt",
+                                                 r"weights do not fit resnet50")
+    torch.save(r18, folder / "plain.pt")
+    out["plain torchvision state_dict"] = (folder / "plain.pt", r"not a fer-batch checkpoint")
     with open(folder / "evil.pt", "wb") as f:
-        pickle.dump({"format": "fer-batch/1", "payload": _Payload(str(folder / "PWNED"))}, f)
+        pickle.dump({"format": "fer-batch/1", "payload": _Payload(str(folder / "PWNED"))}, f,
+                    protocol=2)
     out["code-carrying pickle"] = (folder / "evil.pt", r"refused or unreadable checkpoint")
     torch.save({"format": "fer-batch/1", "payload": _Payload(str(folder / "PWNED"))},
                folder / "evil_torch.pt")
