@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 
 from fer_batch.config import AnnotateConfig, TrainConfig
@@ -152,6 +153,10 @@ def annotate(cfg: AnnotateConfig) -> int:
     except (runs.LockedError, sources.SourceError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # the output cannot be written (permissions, full disk, S3 denied)
+        print(f"fer-batch annotate: error writing {cfg.output}: {e}. Nothing was committed; "
+              "fix the output and run the same command again.", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("fer-batch annotate: interrupted; nothing of this run was committed. Run the same "
               "command again to redo it (add --incremental to keep earlier runs' work).",
@@ -162,14 +167,21 @@ def annotate(cfg: AnnotateConfig) -> int:
 
 
 def train(cfg: TrainConfig) -> int:
-    from fer_batch import train as train_mod
+    from fer_batch import sources, train as train_mod
     try:  # fail fast, before Ray starts: options, data folder, --pretrained weights
         train_mod.check_config(cfg)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"fer-batch train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.address)
-    metrics = train_mod.fit(cfg)
+    if sources.is_s3(cfg.output):  # train into a local folder, then upload the outputs
+        import pyarrow.fs as pafs
+        with tempfile.TemporaryDirectory(prefix="fer-train-") as tmp:
+            metrics = train_mod.fit(dataclasses.replace(cfg, output=tmp))
+            fs, path = sources.resolve(cfg.output, cfg.endpoint_url)
+            pafs.copy_files(tmp, path, destination_filesystem=fs)
+    else:
+        metrics = train_mod.fit(cfg)
     print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}))
     return 0
 
