@@ -279,21 +279,20 @@ def read_files(out_uri: str, *, latest: bool = True, endpoint_url: str | None = 
     return tbl.to_pandas() if as_pandas else tbl
 
 
-def read_faces(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
-               columns=None):
-    """Face rows of committed runs, keeping for each source only the run that produced its
-    latest files row (a changed file re-annotated tonight replaces last night's faces)."""
+def _read_latest(out_uri: str, table: str, sort_keys, endpoint_url, as_pandas, columns):
+    """Rows of a committed table, keeping for each source only the run that produced its
+    latest files row."""
     out = Output(out_uri, endpoint_url)
-    ds, runs = _dataset(out, "faces")
+    ds, runs = _dataset(out, table)
     if ds is None:
         return None if not as_pandas else __import__("pandas").DataFrame()
+    if columns is not None:  # the filter and the sort below need their keys
+        columns = list(dict.fromkeys([*columns, *sort_keys, "run_id"]))
     latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
     tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
     tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
                          pc.cast(tbl["run_id"], pa.string()))
-    tbl = tbl.join(latest, keys=["source", "run_id"], join_type="inner")
-    tbl = tbl.sort_by([("source", "ascending"), ("frame_index", "ascending"),
-                       ("face_index", "ascending")])
+    tbl = keep_latest(tbl, latest).sort_by([(k, "ascending") for k in sort_keys])
     return tbl.to_pandas() if as_pandas else tbl
 
 
@@ -304,20 +303,19 @@ def keep_latest(tbl: pa.Table, latest: pa.Table) -> pa.Table:
     return tbl.filter(pc.is_in(key(tbl), value_set=key(latest)))
 
 
+def read_faces(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
+               columns=None):
+    """Face rows of committed runs, keeping for each source only the run that produced its
+    latest files row (a changed file re-annotated tonight replaces last night's faces)."""
+    return _read_latest(out_uri, "faces", ("source", "frame_index", "face_index"),
+                        endpoint_url, as_pandas, columns)
+
+
 def read_tracks(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
                 columns=None):
-    """Tracks rows (tracks.py) of committed runs, keeping for each source only the run that
-    produced its latest files row, like read_faces."""
-    out = Output(out_uri, endpoint_url)
-    ds, runs = _dataset(out, "tracks")
-    if ds is None:
-        return None if not as_pandas else __import__("pandas").DataFrame()
-    latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
-    tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
-    tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
-                         pc.cast(tbl["run_id"], pa.string()))
-    tbl = keep_latest(tbl, latest).sort_by([("source", "ascending"), ("track_id", "ascending")])
-    return tbl.to_pandas() if as_pandas else tbl
+    """Tracks rows (tracks.py) of committed runs, latest run per source, like read_faces."""
+    return _read_latest(out_uri, "tracks", ("source", "track_id"), endpoint_url, as_pandas,
+                        columns)
 
 
 def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
