@@ -11,6 +11,7 @@ connection resets, bodies cut short.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -509,3 +510,41 @@ def test_no_secret_in_any_output_log_or_file(annotated, s3, s3_env):
     assert logs, "Ray wrote logs"
     for p in logs:
         no_secret_in(secret, p.read_bytes(), str(p))
+
+
+@pytest.fixture(scope="module")
+def ckplus_slice(tmp_path_factory):
+    """5 CK+48 images per class and labels.csv (skips without ../shared/data)."""
+    from conftest import shared
+    src = shared("ckplus48")
+    dst = tmp_path_factory.mktemp("ckslice")
+    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
+        (dst / cls).mkdir()
+        for f in sorted((src / cls).iterdir())[:5]:
+            (dst / cls / f.name).write_bytes(f.read_bytes())
+    (dst / "labels.csv").write_bytes((src / "labels.csv").read_bytes())
+    return dst
+
+
+def test_train_from_s3_to_s3_matches_local(ray_s3, s3_env, s3, ckplus_slice, tmp_path):
+    """Training DATA and --output on S3: same images, same split as the same folder on disk,
+    and the checkpoint written to S3 loads for annotation."""
+    from fer_batch.model import load_checkpoint
+    upload_tree(s3, ckplus_slice, IN, "ckplus")
+    common = ["--epochs", "1", "--num-workers", "2", "--use-gpu", "no", "--seed", "0",
+              "--test-fraction", "0.3"]
+    assert cli.main(["train", str(ckplus_slice), "--output", str(tmp_path / "local"),
+                     *common]) == 0
+    assert cli.main(["train", f"s3://{IN}/ckplus", "--output", f"s3://{OUT}/train",
+                     *common]) == 0
+    got = {}
+    for name in ("split.json", "metrics.json"):
+        body = s3.get_object(Bucket=OUT, Key=f"train/{name}")["Body"].read()
+        got[name] = json.loads(body)
+    local_split = json.loads((tmp_path / "local" / "split.json").read_text())
+    assert got["split.json"] == local_split
+    local_metrics = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    for key in ("classes", "n_train", "n_test", "split"):
+        assert got["metrics.json"][key] == local_metrics[key]
+    model, meta = load_checkpoint(f"s3://{OUT}/train/model.pt")
+    assert meta["classes"] == local_metrics["classes"]
