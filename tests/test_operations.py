@@ -117,12 +117,24 @@ def _run_id_started(out):
     return stage.exists() and any((d / "config.json").exists() for d in stage.iterdir())
 
 
+def _kill_ray_under(temp_root):
+    """SIGKILL every process of the Ray a killed driver started (its daemons outlive it)."""
+    import psutil
+    for p in psutil.process_iter(["cmdline"]):
+        if any(temp_root in part for part in (p.info["cmdline"] or [])):
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
 def test_killed_driver_leaves_nothing_visible_and_rerun_equals_clean_run(
         ray_local, full_archive, clean_run, random_checkpoint, tmp_path):
     out = tmp_path / "out"
+    temp_root = tempfile.mkdtemp(prefix="fer-kill-", dir="/tmp")  # the killed driver's Ray
     proc = subprocess.Popen(annotate_cmd(full_archive, random_checkpoint, out),
                             start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=dict(os.environ, RAY_TMPDIR=temp_root))
     try:
         assert _wait_for(lambda: _run_id_started(out), 180), "the run never started"
         time.sleep(3)  # part way through processing
@@ -130,6 +142,7 @@ def test_killed_driver_leaves_nothing_visible_and_rerun_equals_clean_run(
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, like a lost node
         proc.wait()
+        _kill_ray_under(temp_root)
     assert fer_batch.read_faces(str(out)) is None
     assert not (out / "faces").exists() and not (out / "_runs").exists()
     # rerun: recovers (stale lock of a dead pid, staging of the dead run) and completes
@@ -204,6 +217,7 @@ def ray_cluster(tmp_path):
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dash}", "--num-cpus=2", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}",
          f"--temp-dir={temp_dir}"],
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
