@@ -144,6 +144,7 @@ class TreeSampler:
         self.peak_rss = self.peak_pss = self.peak_shm = 0
         self.peak_procs = 0
         self.cpu: dict[int, float] = {}
+        self.names: dict[int, str] = {}
         self.shm0 = _shm_used()
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
@@ -182,6 +183,8 @@ class TreeSampler:
                 rss += m.rss
                 t = p.cpu_times()
                 self.cpu[p.pid] = t.user + t.system + t.children_user + t.children_system
+                if p.pid not in self.names:
+                    self.names[p.pid] = proc_name(p)
             except psutil.Error:
                 pass
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
@@ -195,7 +198,31 @@ class TreeSampler:
     def summary(self) -> dict:
         return dict(peak_rss_mib=round(self.peak_rss / 2**20), peak_pss_mib=round(self.peak_pss / 2**20),
                     peak_shm_mib=round(self.peak_shm / 2**20), cpu_s=round(self.cpu_s, 1),
-                    procs=self.peak_procs)
+                    procs=self.peak_procs, cpu_by_process=self.by_name())
+
+    def by_name(self) -> dict:
+        """CPU seconds per kind of process (Ray names its workers by actor class)."""
+        out: dict[str, float] = {}
+        for pid, cpu in self.cpu.items():
+            name = self.names.get(pid, "?")
+            out[name] = round(out.get(name, 0.0) + cpu, 1)
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def proc_name(p) -> str:
+    """A short label: 'ray::FaceCropper', 'raylet', 'gcs_server', 'driver (python)'..."""
+    try:
+        title = " ".join(p.cmdline())[:200] or p.name()
+    except psutil.Error:
+        return "?"
+    if title.startswith("ray::"):
+        return title.split()[0].split(".")[0][:60]
+    for key in ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env",
+                "monitor.py", "default_worker", "plasma", "fer_batch", "naive.py",
+                "fer_peer.py"):
+        if key in title:
+            return key
+    return p.name()
 
 
 def _shm_used() -> int:

@@ -59,8 +59,13 @@ def main(argv=None):
             ext = os.path.splitext(path)[1].lower()
             if ext in VIDEO_EXT:
                 video = Video(path, outdir=tmp)
-                raw = video.analyze(detector, display=False, frequency=1, save_frames=False,
-                                    save_video=False, annotate_frames=False, zip_images=False)
+                try:
+                    raw = video.analyze(detector, display=False, frequency=1,
+                                        save_frames=False, save_video=False,
+                                        annotate_frames=False, zip_images=False)
+                except IndexError:  # fer 25.10.3 fails formatting a video with no face in it
+                    raw = []  # (after analysing every frame: the work is done and timed)
+                    n["no_face_videos"] = n.get("no_face_videos", 0) + 1
                 cap = cv2.VideoCapture(path)
                 frames = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
                 cap.release()

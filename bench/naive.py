@@ -63,7 +63,7 @@ def main(argv=None):
     cv2.setNumThreads(1)  # as FaceCropper does
     torch.set_num_threads(1)  # as FacePredictor does on CPU
     model, meta = load_checkpoint(a.model)
-    model.eval()
+    model = model.eval().to(memory_format=torch.channels_last)  # as FacePredictor does
     cascade = preprocess.load_cascade()
     kw = dict(scale_factor=a.scale_factor, min_neighbors=a.min_neighbors, min_face=a.min_face,
               max_side=a.detect_max_side,

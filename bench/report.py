@@ -29,7 +29,9 @@ def table(head, rows) -> str:
 
 def infer_cost(res) -> tuple[float, int]:
     """(CPU seconds per face, batch) of the cheapest measured one-thread CPU inference."""
-    rows = [x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1]
+    rows = [x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1
+            and x.get("layout", "NCHW") == res.get("infer_layout", "NCHW")] or [
+        x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1]
     best = min(rows, key=lambda x: x["cpu_ms_per_face"], default=None)
     return (best["cpu_ms_per_face"] / 1000, best["batch"]) if best else (0.005, 0)
 
@@ -56,7 +58,7 @@ def items_of(run) -> int:
         return run.get("frames_decoded", 0) + run.get("images", 0)
     if run.get("kind") == "fer":
         return run.get("frames", 0) + run.get("images", 0)
-    return (run.get("frames") or 0) + (run.get("images") or 0)
+    return run.get("frames") or 0  # fer-batch counts an image as one decoded frame
 
 
 def machine_line(m: dict) -> str:
@@ -109,9 +111,10 @@ def render_stages(res) -> str:
                f" us/face; equalize (prepare_faces): {c['equalize_us_per_face']} us/face; "
                f"equalize + Canny: {c['equalize_canny_us_per_face']} us/face.")
     out.append("\n### ResNet-50 48x48 inference on CPU (random weights, fp32)")
-    out.append(table(["threads", "batch", "CPU ms/face", "faces/s per core", "wall faces/s"],
-                     [[x["threads"], x["batch"], x["cpu_ms_per_face"], x["faces_per_core_s"],
-                       x["wall_faces_per_s"]] for x in s["inference"]]))
+    out.append(table(["layout", "threads", "batch", "CPU ms/face", "faces/s per core",
+                      "wall faces/s"],
+                     [[x.get("layout", "NCHW"), x["threads"], x["batch"], x["cpu_ms_per_face"],
+                       x["faces_per_core_s"], x["wall_faces_per_s"]] for x in s["inference"]]))
     return "\n".join(out)
 
 
@@ -211,7 +214,7 @@ def render(res: dict, mode: str) -> str:
         rows = []
         fixed = fixed_s(res)
         for x in s["runs"]:
-            items = (x.get("frames") or 0) + (x.get("images") or 0)
+            items = x.get("frames") or 0  # decoded video frames + images
             rows.append([f"{x['multiple']}x", x.get("rc"), x.get("frames"), x.get("images"),
                          x.get("faces"), r(x.get("wall_s")), x["peak_rss_mib"],
                          x["peak_pss_mib"], x["peak_shm_mib"], x["procs"],
@@ -221,8 +224,8 @@ def render(res: dict, mode: str) -> str:
                          x.get("spilled", 0)])
         parts.append("## 3. Memory and scale (shipped defaults)\n" + machine_line(s.get(
             "machine", {})) + "\n\n" + table(
-            ["archive", "rc", "frames", "images", "faces", "wall s", "peak RSS MiB (tree)",
-             "peak PSS MiB (tree)", "peak /dev/shm MiB", "processes", "wall ms/item",
+            ["archive", "rc", "items (frames + images)", "images", "faces", "wall s",
+             "peak RSS MiB (tree)", "peak PSS MiB (tree)", "peak /dev/shm MiB", "processes", "wall ms/item",
              "net wall ms/item", "CPU ms/item", "spilled bytes"], rows))
     if "small" in res:
         x = res["small"]["run"]
@@ -250,7 +253,7 @@ def render_targets(res) -> str:
     fixed = fixed_s(res)
     rows = []
     fer = _runs(res, "peer", "fer")
-    for name in ("peer_all_frames", "peer_defaults"):
+    for name in ("peer_all_frames", "peer_all_frames_640", "peer_defaults"):
         fb = _runs(res, "peer", "fer-batch", name)
         if fer and fb:
             a, b = rates(fb[0], fixed), rates(fer[0], fixed)

@@ -124,14 +124,19 @@ class TrainConfig:
     epochs: int = opt(8, "Training epochs (paper: 8).", "model")
     augment: bool = opt(False, "Random flips, shifts and small rotations on training images.",
                         "model")
-    schedule: str = opt("constant", "Learning-rate schedule (paper: constant).", "model",
-                        choices=("constant", "cosine", "onecycle"))
+    schedule: str = opt("constant", "Learning-rate schedule: constant (paper), cosine (5%% "
+                        "warm-up, then decay to 0) or onecycle (warm-up to --lr, then decay).",
+                        "model", choices=("constant", "cosine", "onecycle"))
     label_smoothing: float = opt(0.0, "Cross-entropy label smoothing (paper: 0).", "model")
     weight_decay: float = opt(0.0, "Adam L2 penalty (paper: 0).", "model")
+    channels: str = opt("equalized", "Model input planes, comma-separated: equalized (the "
+                        "equalized gray crop) and canny (its Canny edges, the paper's edge "
+                        "step as a second channel). Stored in the checkpoint; annotation "
+                        "makes the same planes.", "model")
 
     # --- cluster
-    num_workers: int = opt(0, "Ray Train workers (0 = one per GPU, else 2 CPU workers).",
-                           "cluster")
+    num_workers: int = opt(0, "Ray Train workers (0 = one per GPU, else 2 CPU workers that "
+                           "share the CPUs: each uses CPUs // workers torch threads).", "cluster")
     use_gpu: str = opt("auto", "auto, yes or no.", "cluster", choices=("auto", "yes", "no"))
     address: Optional[str] = opt(None, "Ray cluster to join (default: job's cluster or local).",
                                  "cluster")

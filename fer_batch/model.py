@@ -111,7 +111,7 @@ def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, 
                     face_size: int = 48, train_config: dict | None = None,
                     data: dict | None = None, metrics: dict | None = None) -> str:
     """Write the checkpoint (see module docstring). Returns its model_id."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ckpt = {
         "format": FORMAT,
         "arch": ARCH,

@@ -2,7 +2,7 @@
 predict (GPU or CPU actors) -> Parquet (staging) -> commit.
 
     entries = sources.list_files(cfg.sources)             # driver: small dicts, no bytes
-    ray.data.from_items(todo)                              # one file per row
+    ray.data.from_items(work_units(todo))                  # one video or <=32 images per row
       .map_batches(FaceCropper, CPU actor pool)            # read+decode+detect+crop, one task
       .map_batches(FacePredictor, GPU/CPU actor pool)      # batched ResNet-50
       .write_datasink(StagingSink)                         # Parquet into OUT/_staging/RID
@@ -26,14 +26,40 @@ from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
 from fer_batch.preprocess import FaceCropper
 
-BLOCKS_PER_FILE = 1  # one file per read block: a slow video never holds others back
+IMAGES_PER_UNIT = 32  # images per task: per-task overhead (~20-60 ms) amortised over many
+UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
+
+
+def work_units(entries: list) -> list[dict]:
+    """Rows for Ray Data, one task each: a video alone (a slow video never holds others
+    back), images in groups of up to IMAGES_PER_UNIT files and UNIT_BYTES (10,000 small
+    files would otherwise be 10,000 tasks: BENCHMARKS.md section 4). Each row is
+    {"files": JSON list of file entries}; FaceCropper processes them one by one."""
+    import json
+    keys = ("uri", "media_type", "size_bytes", "mtime_ns")
+    units, group, size = [], [], 0
+    for e in entries:
+        item = {k: e[k] for k in keys}
+        if e["media_type"] != "image":
+            units.append([item])
+            continue
+        if group and (len(group) >= IMAGES_PER_UNIT or size + e["size_bytes"] > UNIT_BYTES):
+            units.append(group)
+            group, size = [], 0
+        group.append(item)
+        size += e["size_bytes"] or 0
+    if group:
+        units.append(group)
+    return [{"files": json.dumps(u)} for u in units]
 
 
 @ray.remote(num_cpus=0)
 class AttemptLedger:
-    """Counts how often each file was started, so a file that kills its worker every time
-    (a decoder segfault, an OOM kill) is recorded as an error after a bounded number of tries
-    instead of being retried forever by Ray's actor restarts."""
+    """Counts how often each file was started without finishing, so a file that kills its
+    worker every time (a decoder segfault, an OOM kill) is recorded as an error after a
+    bounded number of tries instead of being retried forever by Ray's actor restarts.
+    A file that finished is forgotten: when a task of several files is retried after a
+    crash, only the file that was running when the worker died is counted against."""
 
     def __init__(self):
         self.counts: dict[str, int] = {}
@@ -42,15 +68,22 @@ class AttemptLedger:
         self.counts[uri] = self.counts.get(uri, 0) + 1
         return self.counts[uri]
 
+    def finish(self, uri: str) -> None:
+        self.counts.pop(uri, None)
+
 
 class AttemptCounter:
-    """Picklable callable handed to FaceCropper: uri -> attempt number (1 = first try)."""
+    """Picklable callable handed to FaceCropper: uri -> attempt number (1 = first try);
+    .finish(uri) when the file is done (not waited for)."""
 
     def __init__(self, ledger):
         self.ledger = ledger
 
     def __call__(self, uri: str) -> int:
         return ray.get(self.ledger.begin.remote(uri))
+
+    def finish(self, uri: str) -> None:
+        self.ledger.finish.remote(uri)
 
 
 class StagingSink(Datasink):
@@ -137,10 +170,10 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     crop_actors = cfg.preprocess_actors or max(1, n_cpu)
     infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
     ledger = AttemptLedger.remote()
-    items = [{k: e[k] for k in ("uri", "media_type", "size_bytes", "mtime_ns")} for e in todo]
+    items = work_units(todo)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
     ds = (
-        ray.data.from_items(items, override_num_blocks=max(1, len(items) // BLOCKS_PER_FILE))
+        ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task
         .map_batches(
             FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
             # start as many actors as the CPUs present now (not 1, then scale up: each actor

@@ -11,6 +11,7 @@ same pixels in both, so the two cannot drift.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -26,6 +27,7 @@ VERIFY_PAD = 0.25  # context around a candidate box for the verifier, fraction o
 # Verification removed every false positive on the no-face clips and the dog photo and kept
 # ground-truth recall on the annotated photos unchanged (36/43 both): BENCHMARKS.md.
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
+CHANNEL_NAMES = ("equalized", "canny")  # the input planes prepare_faces can make
 CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
 
@@ -222,9 +224,23 @@ class FaceCropper:
         self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
 
     def __call__(self, batch: dict):
-        for i in range(len(batch["uri"])):
-            entry = {k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in batch.items()}
-            yield from self.process(entry)
+        """batch["files"]: JSON lists of file entries (pipeline.work_units), or batch["uri"]
+        etc.: one file entry per row."""
+        if "files" in batch:
+            entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
+        else:
+            entries = [{k: (v[i].item() if hasattr(v[i], "item") else v[i])
+                        for k, v in batch.items()} for i in range(len(batch["uri"]))]
+        held = []  # output of images, yielded as one batch per call (fewer, larger blocks)
+        for entry in entries:
+            if entry["media_type"] == "image":
+                held.extend(self.process(entry))
+            else:  # videos stream out every FRAMES_PER_YIELD frames: memory stays bounded
+                yield from self.process(entry)
+            if self.attempts is not None and hasattr(self.attempts, "finish"):
+                self.attempts.finish(entry["uri"])
+        if held:
+            yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}
 
     def process(self, entry: dict):
         """Yield face batches, then exactly one file row, for one file entry.

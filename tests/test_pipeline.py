@@ -149,3 +149,18 @@ def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_check
         pipe_hits += sum(any(_iou(t, d) >= 0.5 for d in got) for t in boxes)
     assert full_hits > 25
     assert pipe_hits >= 0.95 * full_hits
+
+
+def test_small_images_are_grouped_into_tasks_videos_run_alone():
+    from fer_batch.pipeline import IMAGES_PER_UNIT, UNIT_BYTES, work_units
+    import json
+    img = [dict(uri=f"/a/{i}.png", media_type="image", size_bytes=2_000, mtime_ns=i,
+                status="pending") for i in range(IMAGES_PER_UNIT + 5)]
+    big = dict(uri="/a/big.jpg", media_type="image", size_bytes=UNIT_BYTES, mtime_ns=0)
+    vid = dict(uri="/a/v.mp4", media_type="video", size_bytes=10**9, mtime_ns=0)
+    units = [json.loads(u["files"]) for u in work_units(img[:3] + [vid] + img[3:] + [big])]
+    assert [len(u) for u in units] == [1, IMAGES_PER_UNIT, 5, 1]
+    assert units[0][0]["uri"] == "/a/v.mp4" and units[-1][0]["uri"] == "/a/big.jpg"
+    flat = [e["uri"] for u in units for e in u]  # every file exactly once, fields kept
+    assert sorted(flat) == sorted(e["uri"] for e in img + [vid, big])
+    assert set(units[1][0]) == {"uri", "media_type", "size_bytes", "mtime_ns"}

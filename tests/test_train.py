@@ -105,6 +105,21 @@ def test_lr_schedules():
     assert cos[0] == 0 and abs(max(cos) - 1e-3) < 1e-6 and cos[-1] < 1e-5
 
 
+def test_cpu_workers_share_the_cpus():
+    assert train.cpu_threads(2, 2, 2) == 1  # this 2-core machine: 2 workers x 1 thread
+    assert train.cpu_threads(2, 8, 8) == 4  # a laptop: every core used
+    assert train.cpu_threads(2, 64, 16) == 16  # a cluster: at most one node per worker
+    assert train.cpu_threads(4, 2, 2) == 1
+
+
+def test_channels_option_is_parsed_and_checked():
+    assert train.channel_names(TrainConfig()) == ("equalized",)
+    assert train.channel_names(TrainConfig(channels="equalized, canny")) == ("equalized", "canny")
+    for bad in ("", "equalized,sobel"):
+        with pytest.raises(ValueError, match="--channels"):
+            train.channel_names(TrainConfig(channels=bad))
+
+
 def test_augment_keeps_shape_and_dtype():
     faces = np.random.default_rng(0).integers(0, 256, (4, 1, 48, 48), dtype=np.uint8)
     out = train.augment_faces(faces, np.random.default_rng(1))
