@@ -87,6 +87,9 @@ class AnnotateConfig:
     preprocess_actors: int = opt(0, "CPU actors for decode+detect+crop (0 = one per CPU, "
                                  "autoscaling on a cluster).", "cluster")
     infer_actors: int = opt(0, "Inference actors (0 = one per GPU, or 1 on CPU).", "cluster")
+    images_per_task: int = opt(32, "Images processed in one Ray task (up to 64 MiB of them); "
+                               "1 = one task per file. Videos always get a task each.",
+                               "cluster")
     max_file_retries: int = opt(2, "Times a file that crashes its worker is retried before it "
                                 "is recorded as an error.", "cluster")
 

@@ -26,13 +26,13 @@ from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
 from fer_batch.preprocess import FaceCropper
 
-IMAGES_PER_UNIT = 32  # images per task: per-task overhead (~20-60 ms) amortised over many
+IMAGES_PER_UNIT = 32  # default --images-per-task: per-task overhead amortised over many
 UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
 
 
-def work_units(entries: list) -> list[dict]:
+def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[dict]:
     """Rows for Ray Data, one task each: a video alone (a slow video never holds others
-    back), images in groups of up to IMAGES_PER_UNIT files and UNIT_BYTES (10,000 small
+    back), images in groups of up to images_per_unit files and UNIT_BYTES (10,000 small
     files would otherwise be 10,000 tasks: BENCHMARKS.md section 4). Each row is
     {"files": JSON list of file entries}; FaceCropper processes them one by one."""
     import json
@@ -43,7 +43,8 @@ def work_units(entries: list) -> list[dict]:
         if e["media_type"] != "image":
             units.append([item])
             continue
-        if group and (len(group) >= IMAGES_PER_UNIT or size + e["size_bytes"] > UNIT_BYTES):
+        if group and (len(group) >= max(1, images_per_unit)
+                      or size + (e["size_bytes"] or 0) > UNIT_BYTES):
             units.append(group)
             group, size = [], 0
         group.append(item)
@@ -170,7 +171,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     crop_actors = cfg.preprocess_actors or max(1, n_cpu)
     infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
     ledger = AttemptLedger.remote()
-    items = work_units(todo)
+    items = work_units(todo, cfg.images_per_task)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task

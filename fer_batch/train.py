@@ -441,7 +441,8 @@ def fit(cfg: TrainConfig) -> dict:
             split_files["test_subjects"] = sorted(set(groups[te]))
         m["model_id"] = save_checkpoint(
             os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
-            channels=channels, face_size=FACE_SIZE, train_config=dataclasses.asdict(cfg), data=dict(data_summary, fold=m["fold"]),
+            channels=channels, face_size=FACE_SIZE, train_config=dataclasses.asdict(cfg),
+            data=dict(data_summary, fold=m["fold"]),
             metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
         m["wall_seconds"] = time.perf_counter() - t_start
         evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
