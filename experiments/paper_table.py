@@ -43,7 +43,7 @@ FOLDS = 3  # subject folds: 3 x 20 epochs fit a 40-minute CPU budget here; --fol
 TUNED = dict(epochs=20, schedule="cosine", batch_size=4)  # the paper's Adam 1e-4 and global
 # batch 8 (4 per worker x 2 workers), trained 2.5x longer with a cosine-decayed learning rate;
 # evidence in RESULTS.md (the paper recipe was still rising at epoch 8; 8 per worker, i.e. a
-# global batch of 16, reached 94.92 % after 20 epochs with train accuracy stuck near 98 %)
+# global batch of 16, reached 94.92 % after 20 epochs)
 
 
 def configs(data: str, out: str, seed: int) -> dict:
@@ -161,7 +161,9 @@ def render(out: str) -> str:
                   f"{pct(m['accuracy'])}" if "n_test" in m
                   else f"{m['n_folds']} folds: accuracy per fold "
                   + ", ".join(pct(v) for v in m["cv"]["accuracy"]["folds"]))
-        lines += [f"- **{n}**: `{r['command']}`, i.e. `{r.get('cli', '')}`  ",
+        cli = cli_command(TrainConfig(**{k: v for k, v in c.items()
+                                         if k in {f.name for f in dataclasses.fields(TrainConfig)}}))
+        lines += [f"- **{n}**: `{r['command']}`, i.e. `{cli}`  ",
                   f"  split {c['split']}{' x%d folds' % c['folds'] if c['folds'] else ''}, "
                   f"seed {c['seed']}, lr {c['lr']} ({c['schedule']}), batch {c['batch_size']} "
                   f"per worker x 2 workers, {c['epochs']} epochs, augment {c['augment']}, "
