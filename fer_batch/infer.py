@@ -79,7 +79,7 @@ class FacePredictor:
             torch.set_num_threads(num_threads)
         self.device = pick_device(device)
         model, meta = load_checkpoint(checkpoint, endpoint_url)
-        # NHWC convolutions: faster on GPUs and 1.3-1.7x faster on CPUs (BENCHMARKS.md)
+        # NHWC convolutions: faster on GPUs, 1.75-1.87x on CPUs at batch 64-256 (BENCHMARKS.md)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.classes = list(meta["classes"])
         clash = set(self.classes) & RESERVED_COLUMNS

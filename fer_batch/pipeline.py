@@ -12,6 +12,7 @@ predict (GPU or CPU actors) -> Parquet (staging) -> commit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 
@@ -35,7 +36,6 @@ def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[di
     back), images in groups of up to images_per_unit files and UNIT_BYTES (10,000 small
     files would otherwise be 10,000 tasks: BENCHMARKS.md section 4). Each row is
     {"files": JSON list of file entries}; FaceCropper processes them one by one."""
-    import json
     keys = ("uri", "media_type", "size_bytes", "mtime_ns")
     units, group, size = [], [], 0
     for e in entries:

@@ -224,20 +224,16 @@ class FaceCropper:
         self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
 
     def __call__(self, batch: dict):
-        """batch["files"]: JSON lists of file entries (pipeline.work_units), or batch["uri"]
-        etc.: one file entry per row."""
-        if "files" in batch:
-            entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
-        else:
-            entries = [{k: (v[i].item() if hasattr(v[i], "item") else v[i])
-                        for k, v in batch.items()} for i in range(len(batch["uri"]))]
+        """batch["files"]: JSON lists of file entries, one unit of work each
+        (pipeline.work_units)."""
+        entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
         held = []  # output of images, yielded as one batch per call (fewer, larger blocks)
         for entry in entries:
             if entry["media_type"] == "image":
                 held.extend(self.process(entry))
             else:  # videos stream out every FRAMES_PER_YIELD frames: memory stays bounded
                 yield from self.process(entry)
-            if self.attempts is not None and hasattr(self.attempts, "finish"):
+            if self.attempts is not None:
                 self.attempts.finish(entry["uri"])
         if held:
             yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}

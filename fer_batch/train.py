@@ -229,7 +229,7 @@ def train_loop_per_worker(config: dict) -> None:
     net = build_model(**config["model_args"])
     if config.get("init_ref") is not None:
         net.load_state_dict(ray.get(config["init_ref"]))
-    # NHWC convolutions: 1.7x faster training steps on a CPU (BENCHMARKS.md), also good on GPUs
+    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs
     net = net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                  fused=True)  # one kernel: 7x faster than the loop on a CPU
@@ -322,7 +322,8 @@ def scaling(cfg: TrainConfig):
     2 CPU workers that share the CPUs between them."""
     import ray
     from ray.train import ScalingConfig
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
     use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and gpus > 0)
     if use_gpu and gpus == 0 and cfg.use_gpu == "yes":
         raise RuntimeError("--use-gpu yes but the Ray cluster has no GPUs")
@@ -330,7 +331,7 @@ def scaling(cfg: TrainConfig):
     threads = 1
     if not use_gpu:
         nodes = [x["Resources"].get("CPU", 0) for x in ray.nodes() if x.get("Alive")]
-        threads = cpu_threads(n, ray.cluster_resources().get("CPU", 1), max(nodes, default=1))
+        threads = cpu_threads(n, resources.get("CPU", 1), max(nodes, default=1))
     return ScalingConfig(num_workers=n, use_gpu=use_gpu,
                          resources_per_worker={"CPU": threads}), threads
 
