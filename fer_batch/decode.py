@@ -470,6 +470,12 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     except (av.FFmpegError, OSError) as e:  # the container itself broke off
         stats.error = (f"video stream damaged after {stats.frames_decoded} decoded frames: "
                        f"{_ffmpeg_reason(logs[-5:], e)}")
+    finally:
+        # Let FFmpeg's frame threads finish with the GIL released. Freeing the codec context
+        # (when the last reference goes, GIL held) waits for them, and a thread that is logging
+        # an error waits for the GIL in PyAV's log callback: without this, a video that broke
+        # off mid-decode (out of memory, say) could hang the worker for good.
+        cc.flush_buffers()
     problems = [stats.error] if stats.error else []
     if not stats.error:
         if stats.frames_decoded == 0:
