@@ -28,10 +28,11 @@ def table(head, rows) -> str:
 
 
 def infer_cost(res) -> tuple[float, int]:
-    """(CPU seconds per face, batch) of the cheapest measured one-thread CPU inference."""
-    rows = [x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1
-            and x.get("layout", "NCHW") == res.get("infer_layout", "NCHW")] or [
-        x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1]
+    """(CPU seconds per face, batch) of the cheapest measured one-thread CPU inference, in
+    the memory layout the 2b pipeline ran (NCHW in results from before channels_last)."""
+    rows = [x for x in res.get("stages", {}).get("inference", []) if x["threads"] == 1]
+    layout = res.get("same", {}).get("infer_layout", "NCHW")
+    rows = [x for x in rows if x.get("layout", "NCHW") == layout] or rows
     best = min(rows, key=lambda x: x["cpu_ms_per_face"], default=None)
     return (best["cpu_ms_per_face"] / 1000, best["batch"]) if best else (0.005, 0)
 
@@ -136,11 +137,14 @@ def median_rate(runs, kind, name, key, fixed):
     return C.median(xs) if xs else None
 
 
+def _recall(boxes) -> dict | None:
+    """Ground-truth recall ({matched, total, recall}) of a run's photo boxes, or None."""
+    return C.recall({k: [tuple(b) for b in v] for k, v in boxes.items()}) if boxes else None
+
+
 def gt_recall(boxes) -> str:
-    if not boxes:
-        return "n/a"
-    rc = C.recall({k: [tuple(b) for b in v] for k, v in boxes.items()})
-    return f"{rc['matched']}/{rc['total']} = {rc['recall']}"
+    rc = _recall(boxes)
+    return f"{rc['matched']}/{rc['total']} = {rc['recall']}" if rc else "n/a"
 
 
 def render_runs(title, part, res, note="") -> str:
@@ -267,10 +271,6 @@ def verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("**met**" if ok else "**not met**")
 
 
-def _recall(boxes) -> dict | None:
-    return C.recall({k: [tuple(b) for b in v] for k, v in boxes.items()}) if boxes else None
-
-
 def render_targets(res) -> str:
     """The issue's targets, each judged from ratios of runs measured in the same part (the
     status column is computed here, so a rerun cannot leave a stale verdict)."""
@@ -385,6 +385,10 @@ benchmark itself); rerunning re-renders the tables and verdicts above, not this 
   * Small images grouped into tasks of up to 32 (`--images-per-task`, default 32):
     25.4 -> 71.4 files/s on 10,791 48x48 PNGs (2.8x; 57.7 -> 23.1 CPU ms per file) (section 4, both settings in the same part).
   * Earlier: the crop pool starts at the CPUs present instead of growing from one actor.
+  * Not a speed change, checked: decode parks FFmpeg's threads at the end of each video (the
+    out-of-memory deadlock fix, 12b95a0). `bench/decode_ab.py --before 79312ae --rounds 5`
+    (every frame of the 8 shared videos, both versions alternating in one process, 09:45 UTC,
+    load 0.6): median 1.509 CPU ms per frame before, 1.500 after, 2,226 frames each: no cost.
 * **Decode**: one FFmpeg thread or two per actor are within noise; every frame must be
   decoded for exact timestamp sampling, and unsampled frames are never converted to arrays.
 

@@ -169,25 +169,25 @@ def crop_canny() -> dict:
 
 def inference(quick: bool) -> list[dict]:
     rows = []
-    for layout, threads, bs in [(lay, th, bs) for lay in ("NCHW", "channels_last")
-                                for th in (INFER_THREADS[:1] if quick else INFER_THREADS)
-                                for bs in (INFER_BATCHES[:2] if quick else INFER_BATCHES)]:
+    for layout in ("NCHW", "channels_last"):
         model = build_model().eval()
         if layout == "channels_last":  # what FacePredictor runs (fer_batch/infer.py)
             model = model.to(memory_format=torch.channels_last)
-        torch.set_num_threads(threads)
-        if True:
-            x = np.random.default_rng(0).integers(0, 255, (bs, 1, 48, 48), np.uint8)
-            predict(model, x, batch_size=bs)  # warm-up
-            reps = max(1, 256 // bs) if not quick else 1
-            t, w0 = time.process_time(), time.perf_counter()
-            for _ in range(reps):
-                predict(model, x, batch_size=bs)
-            cpu, wall = time.process_time() - t, time.perf_counter() - w0
-            n = bs * reps
-            rows.append(dict(layout=layout, threads=threads, batch=bs, cpu_ms_per_face=round(1000 * cpu / n, 2),
-                             faces_per_core_s=round(n / cpu, 1),
-                             wall_faces_per_s=round(n / wall, 1)))
+        for threads in INFER_THREADS[:1] if quick else INFER_THREADS:
+            torch.set_num_threads(threads)
+            for bs in INFER_BATCHES[:2] if quick else INFER_BATCHES:
+                x = np.random.default_rng(0).integers(0, 255, (bs, 1, 48, 48), np.uint8)
+                predict(model, x, batch_size=bs)  # warm-up
+                reps = max(1, 256 // bs) if not quick else 1
+                t, w0 = time.process_time(), time.perf_counter()
+                for _ in range(reps):
+                    predict(model, x, batch_size=bs)
+                cpu, wall = time.process_time() - t, time.perf_counter() - w0
+                n = bs * reps
+                rows.append(dict(layout=layout, threads=threads, batch=bs,
+                                 cpu_ms_per_face=round(1000 * cpu / n, 2),
+                                 faces_per_core_s=round(n / cpu, 1),
+                                 wall_faces_per_s=round(n / wall, 1)))
     torch.set_num_threads(1)
     return rows
 

@@ -53,7 +53,7 @@ def configs(data: str, out: str, seed: int) -> dict:
         "tuned": TrainConfig(**base, **TUNED, output=f"{out}/tuned", split="random"),
         "subject": TrainConfig(**base, **TUNED, output=f"{out}/subject", split="subject"),
         "subject_folds": TrainConfig(**base, **TUNED, output=f"{out}/subject_folds",
-                                          split="subject", folds=FOLDS),
+                                     split="subject", folds=FOLDS),
     }
 
 

@@ -343,8 +343,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    storage = cfg.storage_path or os.path.join(os.path.abspath(cfg.output),
-                                                           "_ray_train")
+    storage = cfg.storage_path or os.path.join(os.path.abspath(cfg.output), "_ray_train")
     scaling_config, threads = scaling(cfg)
     config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
                   data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
