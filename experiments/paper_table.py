@@ -47,7 +47,7 @@ TUNED = dict(epochs=20, schedule="cosine", batch_size=4)  # the paper's Adam 1e-
 
 
 def configs(data: str, out: str, seed: int) -> dict:
-    base = dict(data=data, seed=seed, use_gpu="no", num_workers=2)
+    base = dict(data=(data,), seed=seed, use_gpu="no", num_workers=2)
     return {
         "paper": TrainConfig(**base, output=f"{out}/paper", split="random"),
         "tuned": TrainConfig(**base, **TUNED, output=f"{out}/tuned", split="random"),
@@ -60,7 +60,7 @@ def configs(data: str, out: str, seed: int) -> dict:
 def cli_command(cfg: TrainConfig) -> str:
     """The `fer-batch train` command line that trains cfg (flags that differ from defaults)."""
     rel = lambda p: os.path.relpath(p, ROOT) if os.path.isabs(p) else p  # noqa: E731
-    default, parts = TrainConfig(), ["fer-batch train", rel(cfg.data)]
+    default, parts = TrainConfig(), ["fer-batch train", *map(rel, cfg.data)]
     for f in dataclasses.fields(TrainConfig):
         v = getattr(cfg, f.name)
         if f.name == "data" or v == getattr(default, f.name):
@@ -161,8 +161,9 @@ def render(out: str) -> str:
                   f"{pct(m['accuracy'])}" if "n_test" in m
                   else f"{m['n_folds']} folds: accuracy per fold "
                   + ", ".join(pct(v) for v in m["cv"]["accuracy"]["folds"]))
-        cli = cli_command(TrainConfig(**{k: v for k, v in c.items()
-                                         if k in {f.name for f in dataclasses.fields(TrainConfig)}}))
+        kw = {k: v for k, v in c.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+        kw["data"] = tuple(kw["data"]) if isinstance(kw["data"], list) else (kw["data"],)
+        cli = cli_command(TrainConfig(**kw))
         lines += [f"- **{n}**: `{r['command']}`, i.e. `{cli}`  ",
                   f"  split {c['split']}{' x%d folds' % c['folds'] if c['folds'] else ''}, "
                   f"seed {c['seed']}, lr {c['lr']} ({c['schedule']}), batch {c['batch_size']} "

@@ -42,7 +42,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default
         help_text = md.get("help", "")
         if md.get("positional"):
-            nargs = "+" if isinstance(default, tuple) else "?"
+            nargs = ("*" if default else "+") if isinstance(default, tuple) else "?"
             group.add_argument(f.name, nargs=nargs, default=default,
                                metavar=md.get("metavar", f.name.upper()),
                                help=f"{help_text} (default: {default})" if default != () else
@@ -79,7 +79,8 @@ def get_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics and confusion matrix of a model on a "
                        "labeled folder")
     p.add_argument("data", help="labeled folder (one subfolder per class)")
-    p.add_argument("--model", required=True, help="checkpoint (model.pt)")
+    p.add_argument("--model", default="default", help="checkpoint (model.pt, local or "
+                   "s3://; default: the model shipped with fer-batch, see MODEL.md)")
     p.add_argument("--output", default="fer-eval", help="folder for metrics.json and plots")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for S3-compatible stores")
     p.add_argument("--detect-faces", action=argparse.BooleanOptionalAction, default=False,
@@ -96,8 +97,9 @@ def get_parser() -> argparse.ArgumentParser:
 
 def config_from_args(cls, args: argparse.Namespace):
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
-    if "sources" in kw:
-        kw["sources"] = tuple(kw["sources"])
+    for name in ("sources", "data"):
+        if isinstance(kw.get(name), list):
+            kw[name] = tuple(kw[name])
     return cls(**kw)
 
 

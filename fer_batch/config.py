@@ -8,11 +8,14 @@ and into every checkpoint, so a run can always be explained and repeated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
+import os
+
 FACE_SIZE = 48  # CK+48 crops, pixels; the model's input side
-SHARED_DATA = "../shared/data"  # default archive beside a checkout of this repo
+DEFAULT_MODEL_NAME = "default"  # --model / --pretrained value naming the shipped model
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default.pt")
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
 
 
@@ -27,8 +30,9 @@ class AnnotateConfig:
     sources: tuple = opt((), "Files, folders (searched recursively), manifests (.txt/.csv "
                          "of paths, one per line) or s3://bucket/prefix URIs.",
                          "input", positional=True, metavar="SOURCE")
-    model: str = opt("", "Checkpoint written by `fer-batch train` (model.pt, local or s3://).",
-                     "input", required=True)
+    model: str = opt(DEFAULT_MODEL_NAME, "Checkpoint written by `fer-batch train` (model.pt, "
+                     "local or s3://); 'default' is the model shipped with fer-batch (trained on "
+                     "FER2013: 7 expressions with neutral; MODEL.md).", "input")
     output: str = opt("fer-out", "Output folder (local or s3://): faces/, files/ and _runs/ "
                       "are written under it.", "input")
     incremental: bool = opt(False, "Skip files already annotated by a committed earlier run "
@@ -97,12 +101,21 @@ class AnnotateConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     # --- data
-    data: str = opt(SHARED_CKPLUS, "Labeled folder: one subfolder per class (local or s3://).",
-                    "data", positional=True)
+    data: tuple = opt((SHARED_CKPLUS,), "Labeled folders, one subfolder per class (local or "
+                      "s3://). Class folder names go through one vocabulary (angry = anger, "
+                      "happy = happiness, ...); several folders train on the union of their "
+                      "classes.", "data", positional=True, metavar="DATA")
+    test_data: Optional[str] = opt(None, "Held-out labeled folder used as the test set (e.g. "
+                                   "FER2013's val) instead of a split of DATA.", "data")
     output: str = opt("fer-model", "Output folder: model.pt, metrics.json, plots.", "data")
     detect_faces: bool = opt(False, "Run the Haar cascade on training images and train on "
                              "the largest face (off: images are already face crops, like CK+48).",
                              "data")
+    crop_margin: float = opt(0.1, "Margin added around each Haar box, as a fraction of its "
+                             "side, before the 48x48 crop. Stored in the checkpoint: annotate "
+                             "crops faces the same way (and --detect-faces here). 0.1 = how "
+                             "FER2013 and CK+48 crops are framed around a Haar box "
+                             "(experiments/framing.py: 0.098 and 0.093).", "data")
     endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores.", "data")
 
     # --- split
@@ -117,16 +130,27 @@ class TrainConfig:
                                "id in a file name, when labels.csv has none.", "split")
 
     # --- model and optimisation (defaults = the paper)
-    pretrained: str = opt("none", "none, imagenet (torchvision weights, downloaded when online) "
-                          "or PATH to a local torchvision resnet50 weights file.", "model")
+    pretrained: str = opt("none", "none; imagenet (torchvision weights, downloaded when "
+                          "online); PATH to a model.pt written by `fer-batch train` (transfer "
+                          "learning: backbone reused, classifier rebuilt for the new classes); "
+                          "default (the model shipped in the repository); or PATH to a "
+                          "torchvision resnet50 weights file.", "model")
     stem: str = opt("imagenet", "imagenet: torchvision's 7x7/2 conv + max-pool; small: 3x3/1 "
                     "conv, no max-pool (keeps 48x48 detail).", "model",
                     choices=("imagenet", "small"))
     lr: float = opt(1e-4, "Adam learning rate (paper: 1e-4).", "model")
     batch_size: int = opt(8, "Images per step per worker (paper: 8).", "model")
     epochs: int = opt(8, "Training epochs (paper: 8).", "model")
-    augment: bool = opt(False, "Random flips, shifts and small rotations on training images.",
-                        "model")
+    augment: bool = opt(False, "Random flips, shifts, scale, small rotations and "
+                        "brightness/contrast on training images.", "model")
+    optimizer: str = opt("adam", "adam (paper; --weight-decay is an L2 penalty) or adamw "
+                         "(decoupled weight decay).", "model", choices=("adam", "adamw"))
+    class_weight: str = opt("none", "Loss weight per class: none, sqrt (1/sqrt(frequency)) or "
+                            "balanced (1/frequency), normalised to mean 1; helps rare classes "
+                            "such as FER2013's disgust.", "model",
+                            choices=("none", "sqrt", "balanced"))
+    precision: str = opt("auto", "auto (bf16 autocast on GPUs and on CPUs with bf16 support, "
+                         "else fp32), bf16 or fp32.", "model", choices=("auto", "bf16", "fp32"))
     schedule: str = opt("constant", "Learning-rate schedule: constant (paper), cosine (5%% "
                         "warm-up, then decay to 0) or onecycle (warm-up to --lr, then decay).",
                         "model", choices=("constant", "cosine", "onecycle"))
@@ -149,7 +173,3 @@ class TrainConfig:
     resume_from: Optional[str] = opt(None, "Resume from a Ray Train checkpoint folder "
                                      "(state.pt) left by an interrupted run.", "cluster")
 
-
-def config_fields(cls):
-    """The dataclass fields of a config class, in declaration order."""
-    return fields(cls)

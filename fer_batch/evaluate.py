@@ -167,14 +167,15 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     The metrics dict (see ``compute_metrics``) with classes = the model's classes,
     plus data, model, model_id, excluded_classes, missing_classes, skipped.
     """
-    from fer_batch import infer, train
+    from fer_batch import infer, labeled
     from fer_batch.model import load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
-    classes = list(meta["classes"])
+    classes = [labeled.canonical(c) for c in meta["classes"]]
     channels = tuple(meta["input"]["channels"])
     size = int(meta["input"]["size"])
-    paths, labels, data_classes = train.list_labeled(data, endpoint_url)
+    margin = float(meta.get("preprocessing", {}).get("crop_margin", 0.0))
+    paths, labels, data_classes = labeled.list_labeled(data, endpoint_url)
     match = match_classes(data_classes, classes)
     keep = [i for i, lab in enumerate(labels) if lab in match["shared"]]
     excluded = {c: sum(1 for lab in labels if lab == c) for c in match["data_only"]}
@@ -182,8 +183,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
         print(f"evaluate: class {c!r} ({n} images) is not a model class; left out")
     for c in match["model_only"]:
         print(f"evaluate: model class {c!r} has no images in {data}")
-    faces, ok, skipped = train.load_faces(data, [paths[i] for i in keep], detect_faces,
-                                          endpoint_url, channels, size)
+    faces, ok, skipped = labeled.load_faces([(data, paths[i]) for i in keep], detect_faces,
+                                            endpoint_url, channels, size, margin)
     keep = [i for i, good in zip(keep, ok) if good]
     y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
     probs = infer.predict(model, faces, batch_size=PREDICT_BATCH)

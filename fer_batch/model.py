@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from fer_batch.config import DEFAULT_MODEL, DEFAULT_MODEL_NAME
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")  # CK+
 FORMAT = "fer-batch/1"
 ARCH = "resnet50"
@@ -108,7 +109,8 @@ def weights_id(state_dict: dict) -> str:
 
 
 def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, channels,
-                    face_size: int = 48, train_config: dict | None = None,
+                    face_size: int = 48, crop_margin: float = 0.0,
+                    train_config: dict | None = None,
                     data: dict | None = None, metrics: dict | None = None) -> str:
     """Write the checkpoint (see module docstring). Returns its model_id."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -120,7 +122,8 @@ def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, 
         "input": {"size": face_size, "channels": list(channels),
                   "mean": INPUT_MEAN, "std": INPUT_STD, "dtype": "uint8"},
         "preprocessing": {"face_size": face_size, "channels": list(channels),
-                          "equalize": "cv2.equalizeHist per crop", "interpolation": "area"},
+                          "equalize": "cv2.equalizeHist per crop", "interpolation": "area",
+                          "crop_margin": float(crop_margin)},
         "state_dict": state,
         "model_id": weights_id(state),
         "train_config": _plain(train_config or {}),
@@ -185,6 +188,12 @@ def load_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[FaceNet
     """Load model.pt (local or s3://). Returns (model in eval mode, checkpoint dict without
     the weights). Raises CheckpointError with the file name and the fix."""
     from fer_batch import sources  # local import: model stays usable without pyarrow
+    if path == DEFAULT_MODEL_NAME:
+        if not os.path.isfile(DEFAULT_MODEL):
+            raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing from this "
+                                  "installation: reinstall fer-batch from a full checkout, or "
+                                  "pass --model PATH/model.pt")
+        path = DEFAULT_MODEL
     try:
         data = sources.read_bytes(path, endpoint_url)
     except (FileNotFoundError, OSError) as e:

@@ -105,8 +105,29 @@ def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *, scale_fact
     return verify_faces(gray, boxes, verifier) if verifier is not None else boxes
 
 
-def crop_faces(gray: np.ndarray, boxes: np.ndarray, size: int = FACE_SIZE) -> np.ndarray:
-    """Crop boxes and resize to size x size. Returns shape = (n, size, size), uint8."""
+def expand_boxes(boxes: np.ndarray, margin: float, width: int, height: int) -> np.ndarray:
+    """Grow each box by `margin` x its side on every side, clipped to the frame.
+
+    The crop framing is part of the model (stored in the checkpoint as crop_margin): Haar
+    boxes are tighter than FER2013's crops (forehead and chin), so a model trained on those
+    reads annotate's crops best with a margin. boxes: shape = (n, 4) x, y, w, h -> same.
+    """
+    boxes = np.asarray(boxes, np.int64).reshape(-1, 4)
+    if margin <= 0 or len(boxes) == 0:
+        return boxes.astype(np.int32)
+    x, y, w, h = boxes.T
+    dx, dy = np.round(w * margin).astype(np.int64), np.round(h * margin).astype(np.int64)
+    x0, y0 = np.clip(x - dx, 0, width - 1), np.clip(y - dy, 0, height - 1)
+    x1, y1 = np.clip(x + w + dx, x0 + 1, width), np.clip(y + h + dy, y0 + 1, height)
+    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int32)
+
+
+def crop_faces(gray: np.ndarray, boxes: np.ndarray, size: int = FACE_SIZE,
+               margin: float = 0.0) -> np.ndarray:
+    """The one crop function of training (--detect-faces) and annotation: each box grown by
+    `margin` (see expand_boxes), cut out and resized to size x size.
+    Returns shape = (n, size, size), uint8."""
+    boxes = expand_boxes(boxes, margin, gray.shape[1], gray.shape[0])
     out = np.empty((len(boxes), size, size), np.uint8)
     for i, (x, y, w, h) in enumerate(boxes):
         out[i] = cv2.resize(gray[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_AREA)
@@ -141,13 +162,14 @@ def prepare_faces(crops: np.ndarray, channels=CHANNELS, size: int = FACE_SIZE) -
     return out
 
 
-def largest_face(gray: np.ndarray, cascade, **detect_kw) -> np.ndarray:
-    """The largest detected face as a crop, or the whole image when none is found."""
+def largest_face(gray: np.ndarray, cascade, *, margin: float = 0.0, size: int = FACE_SIZE,
+                 **detect_kw) -> np.ndarray:
+    """The largest detected face cut out by ``crop_faces`` (same margin and size as
+    annotate), or the whole image when none is found."""
     boxes = detect_faces(gray, cascade, **detect_kw)
     if len(boxes) == 0:
         return gray
-    x, y, w, h = boxes[np.argmax(boxes[:, 2] * boxes[:, 3])]
-    return gray[y:y + h, x:x + w]
+    return crop_faces(gray, boxes[[np.argmax(boxes[:, 2] * boxes[:, 3])]], size, margin)[0]
 
 
 def face_rows(uri: str, media_type: str, found: list, channels=CHANNELS,
@@ -212,10 +234,12 @@ class FaceCropper:
                  sample_fps: float = 2.0, every_n_frames: int = 0, detect_max_side: int = 0,
                  scale_factor: float = 1.1, min_neighbors: int = 5, min_face: int = 24,
                  max_pixels: int = decode.MAX_PIXELS, endpoint_url: str | None = None,
-                 verify: bool = True, attempts=None, max_attempts: int = 3):
+                 verify: bool = True, attempts=None, max_attempts: int = 3,
+                 crop_margin: float = 0.0):
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
         self.cascade = load_cascade()
         self.face_size, self.channels = face_size, tuple(channels)
+        self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
         self.detect_kw = dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
                               min_face=min_face, max_side=detect_max_side,
@@ -273,7 +297,7 @@ class FaceCropper:
                 boxes = detect_faces(gray, self.cascade, **self.detect_kw)
                 frames, faces = 1, len(boxes)
                 if faces:
-                    crops = crop_faces(gray, boxes, self.face_size)
+                    crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
                     yield face_rows(entry["uri"], "image", [(0, None, crops, boxes)],
                                     self.channels, self.face_size)
             else:
@@ -284,7 +308,7 @@ class FaceCropper:
                             max_pixels=self.max_pixels, stats=stats):
                         boxes = detect_faces(gray, self.cascade, **self.detect_kw)
                         if len(boxes):  # crop now: only 48x48 crops outlive the frame
-                            found.append((index, ts, crop_faces(gray, boxes, self.face_size),
+                            found.append((index, ts, crop_faces(gray, boxes, self.face_size, self.crop_margin),
                                           boxes))
                             faces += len(boxes)
                         if len(found) >= FRAMES_PER_YIELD:

@@ -30,13 +30,14 @@ import time
 
 import numpy as np
 
-from fer_batch import decode, preprocess, sources
+from fer_batch import labeled, preprocess, sources
 from fer_batch.config import TrainConfig
 
 FACE_SIZE = preprocess.FACE_SIZE  # model input side, pixels
-LABELS_FILE = "labels.csv"  # optional per-image metadata at the root of DATA (path, subject)
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
-SHIFT_PX, ROTATE_DEG = 4, 10  # --augment: random translation (pixels) and rotation (degrees)
+# --augment: random translation (pixels), rotation (degrees), scale, brightness/contrast
+SHIFT_PX, ROTATE_DEG, SCALE_RANGE = 4, 10, (0.9, 1.1)
+BRIGHTNESS, CONTRAST = 20, (0.8, 1.2)  # additive (grey levels) and multiplicative jitter
 
 
 def channel_names(cfg) -> tuple:
@@ -47,86 +48,6 @@ def channel_names(cfg) -> tuple:
         raise ValueError(f"--channels {cfg.channels!r}: a comma list of "
                          f"{', '.join(preprocess.CHANNEL_NAMES)}")
     return names
-
-
-# --- 1-2. data ------------------------------------------------------------------------------
-
-def list_labeled(data: str, endpoint_url: str | None = None):
-    """Images of a labeled folder. Returns (paths relative to data with '/' separators,
-    class name per image, sorted class names). Hidden files and non-images are ignored."""
-    import pyarrow.fs as pafs
-    fs, root = sources.resolve(data, endpoint_url)
-    root = root.rstrip("/")
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
-        raise FileNotFoundError(f"training data {data}: not a folder")
-    paths = []
-    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
-        rel = info.path[len(root) + 1:].replace("\\", "/")
-        parts = rel.split("/")
-        if (info.type == pafs.FileType.File and len(parts) >= 2
-                and not any(p.startswith(".") for p in parts)
-                and sources.media_type(rel) == "image"):
-            paths.append(rel)
-    paths.sort()
-    labels = [p.split("/")[0] for p in paths]
-    classes = sorted(set(labels))
-    if len(classes) < 2:
-        raise ValueError(f"training data {data}: need images in at least 2 class subfolders, "
-                         f"found {classes or 'none'}")
-    return paths, labels, classes
-
-
-def load_faces(data: str, paths, detect_faces: bool = False, endpoint_url: str | None = None,
-               channels=preprocess.CHANNELS, size: int = FACE_SIZE):
-    """Decode and prepare images.
-
-    Returns (faces np.ndarray shape = (n_ok, C, size, size) uint8, ok bool mask over paths,
-    skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
-    """
-    cascade = preprocess.load_cascade() if detect_faces else None
-    base = data.rstrip("/")
-    crops, ok, skipped = [], [], []
-    for rel in paths:
-        try:
-            gray = decode.decode_image(sources.read_bytes(f"{base}/{rel}", endpoint_url))
-            if cascade is not None:
-                gray = preprocess.largest_face(gray, cascade)
-            crops.append(preprocess.prepare_faces(gray[None], channels, size)[0])
-            ok.append(True)
-        except (decode.DecodeError, OSError, ValueError) as e:
-            print(f"skipping unreadable image {rel}: {e}", flush=True)
-            skipped.append({"path": rel, "error": str(e)})
-            ok.append(False)
-    faces = np.stack(crops) if crops else np.zeros((0, len(channels), size, size), np.uint8)
-    return faces, np.array(ok, bool), skipped
-
-
-def read_subjects(data: str, paths, column: str = "subject", pattern: str = r"^([A-Za-z]+\d*)[._]",
-                  endpoint_url: str | None = None) -> np.ndarray:
-    """Subject id per image: labels.csv (columns path, COLUMN; path relative to data) when it
-    lists the file, else the first regex group matched on the file name. Raises ValueError
-    for files with neither."""
-    import csv
-    import io
-    table = {}
-    try:
-        text = sources.read_bytes(f"{data.rstrip('/')}/{LABELS_FILE}", endpoint_url).decode()
-        for row in csv.DictReader(io.StringIO(text)):
-            if row.get("path") and row.get(column):
-                table[row["path"].replace("\\", "/").removeprefix("./")] = row[column]
-    except (FileNotFoundError, OSError):
-        pass
-    rx, out, missing = re.compile(pattern), [], []
-    for rel in paths:
-        m = rx.search(rel.rsplit("/", 1)[-1])
-        subject = table.get(rel) or (m.group(1) if m else None)
-        out.append(subject)
-        if subject is None:
-            missing.append(rel)
-    if missing:
-        raise ValueError(f"no subject for {len(missing)} images (e.g. {missing[0]}): add them to "
-                         f"{LABELS_FILE} (columns path,{column}) or set --subject-pattern")
-    return np.array(out, dtype=object)
 
 
 # --- 3. splits (pure) -----------------------------------------------------------------------
@@ -183,20 +104,48 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> 
 
 
 def augment_faces(faces: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal flip, shift (+-SHIFT_PX) and rotation (+-ROTATE_DEG), border replicated.
-    faces: shape = (n, C, h, w), uint8 -> same."""
+    """Random horizontal flip, shift (+-SHIFT_PX), scale (SCALE_RANGE), rotation
+    (+-ROTATE_DEG), border replicated, then brightness/contrast jitter on every plane but
+    edge planes. faces: shape = (n, C, h, w), uint8 -> same."""
     import cv2
     out = np.empty_like(faces)
     h, w = faces.shape[2:]
     for i, face in enumerate(faces):
-        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-ROTATE_DEG, ROTATE_DEG), 1.0)
+        m = cv2.getRotationMatrix2D((w / 2, h / 2), rng.uniform(-ROTATE_DEG, ROTATE_DEG),
+                                    rng.uniform(*SCALE_RANGE))
         m[:, 2] += rng.uniform(-SHIFT_PX, SHIFT_PX, 2)
         flip = rng.random() < 0.5
+        gain, bias = rng.uniform(*CONTRAST), rng.uniform(-BRIGHTNESS, BRIGHTNESS)
         for c in range(faces.shape[1]):
             img = face[c][:, ::-1] if flip else face[c]
-            out[i, c] = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h),
-                                       borderMode=cv2.BORDER_REPLICATE)
+            warped = cv2.warpAffine(np.ascontiguousarray(img), m, (w, h),
+                                    borderMode=cv2.BORDER_REPLICATE)
+            if c == 0:  # the equalized gray plane; a canny plane stays binary
+                warped = cv2.convertScaleAbs(warped, alpha=gain, beta=bias + 128 * (1 - gain))
+            out[i, c] = warped
     return out
+
+
+def class_weights(y: np.ndarray, num_classes: int, mode: str) -> np.ndarray | None:
+    """Per-class loss weights (mean 1 over the classes present) for --class-weight."""
+    if mode == "none":
+        return None
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    power = {"sqrt": 0.5, "balanced": 1.0}[mode]
+    w = np.where(counts > 0, 1.0 / np.maximum(counts, 1) ** power, 0.0)
+    return (w / w[counts > 0].mean()).astype(np.float32)
+
+
+def use_bf16(precision: str, device_type: str) -> bool:
+    """--precision auto: bf16 autocast on CUDA, and on CPUs whose oneDNN has bf16 kernels
+    (AVX512-BF16 / AMX: 1.5x faster ResNet-50 steps here, BENCHMARKS.md)."""
+    import torch
+    if precision != "auto":
+        return precision == "bf16"
+    if device_type == "cuda":
+        return True
+    return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()
+                and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 # --- 4. Ray Train ---------------------------------------------------------------------------
@@ -231,8 +180,12 @@ def train_loop_per_worker(config: dict) -> None:
         net.load_state_dict(ray.get(config["init_ref"]))
     # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs
     net = net.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 fused=True)  # one kernel: 7x faster than the loop on a CPU
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                        fused=True)  # one kernel: 7x faster than the loop on a CPU
+    weight = config.get("class_weight")
+    weight = torch.tensor(weight, device=device) if weight is not None else None
+    bf16 = use_bf16(cfg.precision, device.type)
     start, history = 0, []
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
     if checkpoint is None and cfg.resume_from:  # a run whose driver died (same data, seed)
@@ -274,8 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
             xb, yb = xb.to(device), y_tr[idx].to(device)
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(epoch * steps + s, total, cfg.lr, cfg.schedule)
-            logits = model(xb)
-            loss = F.cross_entropy(logits, yb, label_smoothing=cfg.label_smoothing)
+            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                logits = model(xb)
+            loss = F.cross_entropy(logits.float(), yb, weight=weight,
+                                   label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -286,7 +241,8 @@ def train_loop_per_worker(config: dict) -> None:
         te_loss = te_correct = 0.0
         with torch.inference_mode():
             for i in range(rank * 256, len(y_te), world * 256):
-                logits = net(x_te[i:i + 256].to(device))
+                with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+                    logits = net(x_te[i:i + 256].to(device)).float()
                 yb = y_te[i:i + 256].to(device)
                 te_loss += F.cross_entropy(logits, yb, reduction="sum").item()
                 te_correct += (logits.argmax(1) == yb).sum().item()
@@ -337,7 +293,7 @@ def scaling(cfg: TrainConfig):
 
 
 def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: dict,
-                name: str, init_state: dict | None = None):
+                name: str, init_state: dict | None = None, class_weight=None):
     """Train with Ray Train. Returns (state_dict of the final model, per-epoch history)."""
     import ray
     import torch
@@ -348,7 +304,8 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
                   data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
                                         y_test=y_test)),
-                  init_ref=ray.put(init_state) if init_state is not None else None)
+                  init_ref=ray.put(init_state) if init_state is not None else None,
+                  class_weight=None if class_weight is None else class_weight.tolist())
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
         run_config=RunConfig(storage_path=storage, name=name,
@@ -367,13 +324,34 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
 # --- 5. fit ---------------------------------------------------------------------------------
 
 def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
-    """Initial weights for --pretrained imagenet|PATH (None for none). Raises RuntimeError
-    with the fix when the weights cannot be had (offline, missing file)."""
+    """Initial weights for --pretrained: none, imagenet, default (the shipped model), a
+    model.pt of ours (backbone reused, classifier rebuilt for num_classes) or a torchvision
+    resnet50 weights file. Raises RuntimeError with the fix when the weights cannot be had
+    (offline, missing file, another input shape)."""
     if cfg.pretrained == "none":
         return None
-    from fer_batch.model import build_model, load_imagenet_weights
+    from fer_batch.config import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+    from fer_batch.model import (CheckpointError, build_model, load_imagenet_weights,
+                                 read_checkpoint)
     net = build_model(num_classes, in_channels, cfg.stem)
-    load_imagenet_weights(net, cfg.pretrained)
+    source = DEFAULT_MODEL if cfg.pretrained == DEFAULT_MODEL_NAME else cfg.pretrained
+    if source != "imagenet" and os.path.isfile(source) or sources.is_s3(source):
+        try:
+            ckpt = read_checkpoint(sources.read_bytes(source, cfg.endpoint_url), source)
+        except CheckpointError:
+            ckpt = None  # not ours: a torchvision state_dict, tried below
+        if ckpt is not None:
+            args = ckpt["model_args"]
+            if (args.get("in_channels"), args.get("stem")) != (in_channels, cfg.stem):
+                raise RuntimeError(
+                    f"--pretrained {source}: a model with {args.get('in_channels')} input "
+                    f"plane(s) and the {args.get('stem')!r} stem; train with the same "
+                    f"--channels ({','.join(ckpt['input']['channels'])}) and --stem")
+            backbone = {k: v.float() for k, v in ckpt["state_dict"].items()
+                        if not k.startswith("net.fc.")}
+            net.load_state_dict(backbone, strict=False)
+            return net.state_dict()
+    load_imagenet_weights(net, source)
     return net.state_dict()
 
 
@@ -387,9 +365,29 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--test-fraction must be between 0 and 1")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
         raise ValueError("--epochs, --batch-size and --lr must be positive")
+    if not cfg.data:
+        raise ValueError("name at least one labeled folder (DATA)")
+    if cfg.folds and cfg.test_data:
+        raise ValueError("--folds and --test-data exclude each other")
+    if not 0 <= cfg.crop_margin <= 1:
+        raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
     lr_at(0, 1, cfg.lr, cfg.schedule)
-    list_labeled(cfg.data, cfg.endpoint_url)
+    for folder in cfg.data + ((cfg.test_data,) if cfg.test_data else ()):
+        labeled.list_labeled(folder, cfg.endpoint_url)
     pretrained_state(cfg, 2, len(channel_names(cfg)))
+
+
+def _load(cfg: TrainConfig, items, labels, classes, channels):
+    """Faces of labeled items -> (faces, y int64, items kept, skipped), with a progress bar."""
+    from tqdm import tqdm
+    with tqdm(total=len(items), desc="loading faces", unit="img", mininterval=2,
+              disable=len(items) < 2000) as bar:
+        faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
+                                                channels, FACE_SIZE, cfg.crop_margin, bar.update)
+    for s in skipped:
+        print(f"skipping unreadable image {s['path']}: {s['error']}", flush=True)
+    y = np.array([classes.index(lab) for lab, good in zip(labels, ok) if good], np.int64)
+    return faces, y, [it for it, good in zip(items, ok) if good], skipped
 
 
 def fit(cfg: TrainConfig) -> dict:
@@ -403,21 +401,39 @@ def fit(cfg: TrainConfig) -> dict:
     t_start = time.perf_counter()
     check_config(cfg)
     channels = channel_names(cfg)
-    paths, labels, classes = list_labeled(cfg.data, cfg.endpoint_url)
-    faces, ok, skipped = load_faces(cfg.data, paths, cfg.detect_faces, cfg.endpoint_url, channels)
-    paths = [p for p, good in zip(paths, ok) if good]
-    y = np.array([classes.index(lab) for lab, good in zip(labels, ok) if good], np.int64)
+    items, labels, classes = labeled.list_many(cfg.data, cfg.endpoint_url)
+    faces, y, paths, skipped = _load(cfg, items, labels, classes, channels)
     need_groups = cfg.split == "subject" or cfg.folds
-    groups = (read_subjects(cfg.data, paths, cfg.subject_column, cfg.subject_pattern,
-                            cfg.endpoint_url) if need_groups else None)
-    splits = (fold_indices(y, groups, cfg.folds, cfg.seed) if cfg.folds
-              else [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)])
+    groups = None
+    if need_groups:  # subject ids per folder; a subject never spans two folders
+        groups = np.concatenate([
+            np.array([f"{folder}:{g}" for g in labeled.read_subjects(
+                folder, [p for f, p in paths if f == folder], cfg.subject_column,
+                cfg.subject_pattern, cfg.endpoint_url)], dtype=object)
+            for folder in cfg.data if any(f == folder for f, _ in paths)])
+    if cfg.test_data:  # a held-out folder: train on all of DATA, test on it
+        t_items, t_labels, t_classes = labeled.list_many((cfg.test_data,), cfg.endpoint_url)
+        for c in sorted(set(t_classes) - set(classes)):
+            print(f"{cfg.test_data}: class {c!r} is not among the training classes; left out",
+                  flush=True)
+        keep = [i for i, lab in enumerate(t_labels) if lab in classes]
+        t_faces, t_y, t_paths, t_skipped = _load(
+            cfg, [t_items[i] for i in keep], [t_labels[i] for i in keep], classes, channels)
+        n = len(y)
+        faces, y = np.concatenate([faces, t_faces]), np.concatenate([y, t_y])
+        paths, skipped = paths + t_paths, skipped + t_skipped
+        splits = [(np.arange(n), np.arange(n, len(y)))]
+    else:
+        splits = (fold_indices(y, groups, cfg.folds, cfg.seed) if cfg.folds
+                  else [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)])
     model_args = dict(num_classes=len(classes), in_channels=len(channels), stem=cfg.stem)
     init_state = pretrained_state(cfg, len(classes), len(channels))
-    data_summary = dict(data=cfg.data, classes=classes, n_images=len(labels), n_used=len(y),
+    data_summary = dict(data=list(cfg.data), test_data=cfg.test_data, classes=classes,
+                        n_images=len(labels), n_used=len(y),
                         per_class={c: int((y == i).sum()) for i, c in enumerate(classes)},
                         skipped=skipped, subjects=len(set(groups)) if need_groups else None)
-    print(f"{cfg.data}: {len(y)} images in {len(classes)} classes, {len(skipped)} skipped; "
+    print(f"{', '.join(cfg.data)}: {len(y)} images in {len(classes)} classes "
+          f"({', '.join(classes)}), {len(skipped)} skipped; "
           f"{len(splits)} training run(s)", flush=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs = []
@@ -427,7 +443,8 @@ def fit(cfg: TrainConfig) -> dict:
         t0 = time.perf_counter()
         state, history = run_trainer(cfg, faces[tr], y[tr], faces[te], y[te], model_args,
                                      f"fer-train-{stamp}" + (f"-fold{k}" if cfg.folds else ""),
-                                     init_state)
+                                     init_state, class_weights(y[tr], len(classes),
+                                                               cfg.class_weight))
         net = build_model(**model_args)
         net.load_state_dict(state)
         pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH).argmax(1)
@@ -436,12 +453,14 @@ def fit(cfg: TrainConfig) -> dict:
                  folds=cfg.folds, n_train=len(tr), n_test=len(te), epochs=cfg.epochs,
                  seed=cfg.seed, history=history, train_seconds=time.perf_counter() - t0,
                  skipped=skipped, train_config=dataclasses.asdict(cfg))
-        split_files = dict(train=[paths[i] for i in tr], test=[paths[i] for i in te])
+        names = [p if len(cfg.data) == 1 and f == cfg.data[0] else f"{f}/{p}" for f, p in paths]
+        split_files = dict(train=[names[i] for i in tr], test=[names[i] for i in te])
         if need_groups:
             split_files["test_subjects"] = sorted(set(groups[te]))
         m["model_id"] = save_checkpoint(
             os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
-            channels=channels, face_size=FACE_SIZE, train_config=dataclasses.asdict(cfg),
+            channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin,
+            train_config=dataclasses.asdict(cfg),
             data=dict(data_summary, fold=m["fold"]),
             metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
         m["wall_seconds"] = time.perf_counter() - t_start

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_batch import evaluate, train
+from fer_batch import evaluate, labeled, train
 from fer_batch.config import TrainConfig
 from fer_batch.model import load_checkpoint
 
@@ -51,7 +51,7 @@ def trained(ray_local, tmp_path_factory):
     data, out = root / "data", root / "out"
     copy_slice(data, PER_CLASS)
     (data / CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    cfg = TrainConfig(data=str(data), output=str(out), epochs=1, split="subject",
+    cfg = TrainConfig(data=(str(data),), output=str(out), epochs=1, split="subject",
                       num_workers=2, use_gpu="no", seed=0)
     metrics = train.fit(cfg)
     return cfg, metrics, root
@@ -61,9 +61,9 @@ def trained(ray_local, tmp_path_factory):
 
 @needs_data
 def test_subject_split_never_leaks():
-    paths, labels, classes = train.list_labeled(str(CKPLUS))
+    paths, labels, classes = labeled.list_labeled(str(CKPLUS))
     y = np.array([classes.index(c) for c in labels])
-    groups = train.read_subjects(str(CKPLUS), paths)
+    groups = labeled.read_subjects(str(CKPLUS), paths)
     with open(CKPLUS / "labels.csv") as f:
         table = {r["path"]: r["subject"] for r in csv.DictReader(f)}
     assert len(paths) == 981 and len(set(groups)) == 118
@@ -81,7 +81,7 @@ def test_subject_split_never_leaks():
 
 @needs_data
 def test_random_split_is_stratified_and_seeded():
-    paths, labels, classes = train.list_labeled(str(CKPLUS))
+    paths, labels, classes = labeled.list_labeled(str(CKPLUS))
     y = np.array([classes.index(c) for c in labels])
     tr, te = train.split_indices(y, None, "random", 0.2, seed=0)
     assert len(te) == 197 and not set(tr) & set(te)
@@ -90,11 +90,11 @@ def test_random_split_is_stratified_and_seeded():
 
 
 def test_subject_from_pattern_when_not_in_labels(tmp_path):
-    groups = train.read_subjects(str(tmp_path), ["anger/S042_001_00000007.png",
+    groups = labeled.read_subjects(str(tmp_path), ["anger/S042_001_00000007.png",
                                                  "fear/KA.FE1.2.tiff"])
     assert list(groups) == ["S042", "KA"]
     with pytest.raises(ValueError, match="subject-pattern"):
-        train.read_subjects(str(tmp_path), ["anger/001.png"])
+        labeled.read_subjects(str(tmp_path), ["anger/001.png"])
 
 
 def test_lr_schedules():
@@ -131,7 +131,7 @@ def test_missing_pretrained_file_fails_fast(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / cls).mkdir()
         cv2.imwrite(str(tmp_path / cls / "x.png"), np.zeros((48, 48), np.uint8))
-    cfg = TrainConfig(data=str(tmp_path), pretrained=str(tmp_path / "nope.pth"))
+    cfg = TrainConfig(data=(str(tmp_path),), pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(RuntimeError, match="no such file"):
         train.check_config(cfg)
 
@@ -168,10 +168,10 @@ def test_train_writes_a_loadable_checkpoint(trained):
 @needs_data
 def test_corrupt_image_is_reported_and_skipped(trained):
     cfg, metrics, _ = trained
-    assert [s["path"] for s in metrics["skipped"]] == [CORRUPT]
+    assert [s["path"] for s in metrics["skipped"]] == [f"{cfg.data[0]}/{CORRUPT}"]
     assert metrics["n_train"] + metrics["n_test"] == 7 * PER_CLASS
     _, meta = load_checkpoint(str(Path(cfg.output) / "model.pt"))
-    assert meta["data"]["skipped"][0]["path"] == CORRUPT
+    assert meta["data"]["skipped"][0]["path"].endswith(CORRUPT)
 
 
 @needs_data
@@ -180,7 +180,7 @@ def test_evaluate_reproduces_training_metrics(trained, tmp_path):
     split = json.loads((Path(cfg.output) / "split.json").read_text())
     for rel in split["test"]:
         (tmp_path / "test" / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(cfg.data) / rel, tmp_path / "test" / rel)
+        shutil.copy(Path(cfg.data[0]) / rel, tmp_path / "test" / rel)
     got = evaluate.evaluate_folder(str(tmp_path / "test"), str(Path(cfg.output) / "model.pt"),
                                    str(tmp_path / "eval"))
     assert got["confusion_matrix"] == metrics["confusion_matrix"]
@@ -201,3 +201,52 @@ def test_evaluate_reports_unknown_and_missing_classes(trained, tmp_path):
     assert got["missing_classes"] == ["contempt"]
     assert got["n"] == 12 and got["classes"][1] == "contempt"
     assert got["per_class"]["contempt"]["support"] == 0
+
+
+# --- transfer learning and several folders (issue 12) -----------------------------------------
+
+def test_pretrained_from_our_checkpoint_reuses_the_backbone(random_checkpoint, tmp_path):
+    """--pretrained PATH/model.pt: every backbone weight is the source's, the classifier is
+    new and sized for the new classes."""
+    import torch
+    src, _ = load_checkpoint(random_checkpoint)
+    cfg = TrainConfig(data=(str(tmp_path),), pretrained=random_checkpoint)
+    state = train.pretrained_state(cfg, num_classes=3, in_channels=1)
+    for k, v in src.state_dict().items():
+        if k.startswith("net.fc."):
+            assert state[k].shape[0] == 3
+        else:
+            assert torch.equal(state[k], v), k
+    with pytest.raises(RuntimeError, match="input plane"):  # another input shape is refused
+        train.pretrained_state(TrainConfig(pretrained=random_checkpoint,
+                                           channels="equalized,canny"), 3, 2)
+
+
+@needs_data
+def test_several_folders_train_on_the_union_with_a_held_out_folder(trained, tmp_path):
+    """Two folders with different names for the same expressions (FER2013 style 'happy',
+    CK+ 'happiness') train one model on the union of their classes; a third folder is the
+    test set; the model starts from the first test's checkpoint."""
+    import cv2
+    cfg0, _, _ = trained
+    ck, wild, test = tmp_path / "ck", tmp_path / "wild", tmp_path / "test"
+    copy_slice(ck, 3)
+    src = sorted((CKPLUS / "happiness").iterdir())
+    for folder, names in ((wild, ("happy", "neutral", "Angry")), (test, ("happy", "calm"))):
+        for k, name in enumerate(names):
+            (folder / name).mkdir(parents=True)
+            for j in range(3):
+                img = cv2.imread(str(src[10 + 3 * k + j]), cv2.IMREAD_GRAYSCALE)
+                cv2.imwrite(str(folder / name / f"{j}.png"), img)
+    cfg = TrainConfig(data=(str(ck), str(wild)), test_data=str(test), output=str(tmp_path / "o"),
+                      pretrained=str(Path(cfg0.output) / "model.pt"), epochs=1,
+                      num_workers=1, use_gpu="no", batch_size=8)
+    metrics = train.fit(cfg)
+    _, meta = load_checkpoint(str(tmp_path / "o" / "model.pt"))
+    assert meta["classes"] == ["anger", "contempt", "disgust", "fear", "happiness", "neutral",
+                               "sadness", "surprise"]
+    assert metrics["n_train"] == 7 * 3 + 3 * 3 and metrics["n_test"] == 6
+    assert metrics["per_class"]["neutral"]["support"] == 3  # 'calm' is neutral
+    assert metrics["per_class"]["happiness"]["support"] == 3
+    split = json.loads((tmp_path / "o" / "split.json").read_text())
+    assert len(split["test"]) == 6 and all(p.startswith(str(test)) for p in split["test"])
