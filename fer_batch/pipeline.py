@@ -120,7 +120,8 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
     started, t0 = runs.now_iso(), time.perf_counter()
     _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)  # fail fast, before any work
     classes, model_id = meta["classes"], meta["model_id"]
-    spec = meta["input"]
+    # model input and crop framing (older checkpoints: no margin)
+    spec = dict(meta["input"], crop_margin=float(meta["preprocessing"].get("crop_margin", 0.0)))
 
     out = runs.Output(cfg.output, cfg.endpoint_url)
     run_id = runs.new_run_id()
@@ -183,6 +184,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                                       max_size=min(crop_actors, len(items))),
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
+                crop_margin=spec["crop_margin"],
                 sample_fps=cfg.sample_fps, every_n_frames=every_n,
                 detect_max_side=cfg.detect_max_side, scale_factor=cfg.scale_factor,
                 min_neighbors=cfg.min_neighbors, min_face=cfg.min_face, verify=cfg.verify,
