@@ -3,9 +3,10 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-DATA ?= ../shared/data/ckplus48# labeled folder for training (one subfolder per class)
+DATA ?= ../shared/data/ckplus48# labeled folder to fine-tune the shipped model on
 ARCHIVE ?= ../shared/data# images and videos to annotate
-RUN ?= runs/main# where the model, the annotations and the report go
+RUN ?= runs/main# where the fine-tuned model, the annotations and the report go
+MODEL ?= default# the model that annotates: the shipped one (knows neutral; MODEL.md)
 TRAIN_ARGS ?=# e.g. TRAIN_ARGS="--epochs 2" for a quicker model
 ANNOTATE_ARGS ?=
 
@@ -22,9 +23,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# transfer learning as the paper does it (its recipe and metrics), from the shipped
+# FER2013 model; then the archive is annotated by MODEL (README: which model and why)
 run: setup
-	$(BIN)/fer-batch train $(strip $(DATA)) --output $(strip $(RUN))/model $(TRAIN_ARGS)
-	$(BIN)/fer-batch annotate $(strip $(ARCHIVE)) --model $(strip $(RUN))/model/model.pt \
+	$(BIN)/fer-batch train $(strip $(DATA)) --pretrained default \
+		--output $(strip $(RUN))/model $(TRAIN_ARGS)
+	$(BIN)/fer-batch annotate $(strip $(ARCHIVE)) --model $(strip $(MODEL)) \
 		--output $(strip $(RUN))/annotations --incremental $(ANNOTATE_ARGS)
 	$(BIN)/fer-batch report $(strip $(RUN))/annotations
 

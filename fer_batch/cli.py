@@ -86,6 +86,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--detect-faces", action=argparse.BooleanOptionalAction, default=False,
                    help="crop the largest Haar face of each image first (for full photos "
                    "such as JAFFE; off for ready-made crops such as CK+48)")
+    p.add_argument("--crop-margin", type=float, default=None, help="margin around the Haar "
+                   "box with --detect-faces, as a fraction of its side (default: the "
+                   "checkpoint's, as annotate uses)")
     p = sub.add_parser("report", help="self-contained HTML report of an output folder")
     p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
     p.add_argument("--html", default=None, help="where to write the page "
@@ -130,31 +133,47 @@ def _summary(m: dict) -> str:
             f"  manifest: {m['manifest_path']}")
 
 
+def check_annotate(cfg: AnnotateConfig) -> None:
+    """Everything about the run's own inputs, before Ray starts and before anything is
+    written: option ranges, S3 bucket/endpoint/credentials, the model and its class names,
+    the sources, and an output folder that is new, empty or a fer-batch output. Raises an
+    error whose one line names the problem and the fix."""
+    from fer_batch import pipeline, runs, sink, sources
+    from fer_batch.model import load_checkpoint
+    pipeline.check_config(cfg)
+    for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
+                      (cfg.output, "output")]:
+        if sources.is_s3(uri):
+            sources.check_access(uri, cfg.endpoint_url, kind=kind)
+    _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
+    sink.check_class_names(meta["classes"], cfg.model)
+    for src in cfg.sources:
+        if not sources.is_s3(src):
+            sources.check_access(src, cfg.endpoint_url, kind="source")
+    runs.Output(cfg.output, cfg.endpoint_url).check_ours()
+
+
 def annotate(cfg: AnnotateConfig) -> int:
-    from fer_batch import pipeline, runs, sources
-    from fer_batch.model import CheckpointError, load_checkpoint
+    from fer_batch import pipeline, runs, sink, sources
+    from fer_batch.model import CheckpointError
     # resolved here so Ray workers on other nodes use the driver's AWS_ENDPOINT_URL(_S3)
     cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url))
-    try:  # fail fast, before Ray starts: S3 bucket/endpoint/credentials, bad model, no source
-        for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
-                          (cfg.output, "output")]:
-            if sources.is_s3(uri):
-                sources.check_access(uri, cfg.endpoint_url, kind=kind)
-        load_checkpoint(cfg.model, cfg.endpoint_url)
-        for src in cfg.sources:
-            fs, path = sources.resolve(src, cfg.endpoint_url)
-            if fs.get_file_info(path).type.name == "NotFound":
-                raise sources.SourceError(f"source not found: {src}")
-    except (CheckpointError, sources.SourceError, OSError) as e:
+    try:  # fail fast, before Ray starts: options, S3, bad model, no source, foreign output
+        check_annotate(cfg)
+    except (CheckpointError, sources.SourceError, pipeline.ConfigError, sink.ClassNameError,
+            runs.ForeignOutputError, OSError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.address)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
         manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True))
-    except (runs.LockedError, sources.SourceError) as e:
+    except (runs.LockedError, runs.ForeignOutputError, sources.SourceError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except runs.CommitError as e:  # set aside under OUT/_failed: later runs are not held up
+        print(f"fer-batch annotate: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as e:  # the output cannot be written (permissions, full disk, S3 denied)
         print(f"fer-batch annotate: error writing {cfg.output}: {e}. Nothing was committed; "
               "fix the output and run the same command again.", file=sys.stderr)
@@ -198,7 +217,8 @@ def main(argv=None) -> int:
     elif args.command == "evaluate":
         from fer_batch import evaluate
         metrics = evaluate.evaluate_folder(args.data, args.model, args.output, args.endpoint_url,
-                                           detect_faces=args.detect_faces)
+                                           detect_faces=args.detect_faces,
+                                           crop_margin=args.crop_margin)
         print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
         code = 0
     elif args.command == "report":

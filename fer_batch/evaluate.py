@@ -147,7 +147,8 @@ def match_classes(data_classes, model_classes) -> dict:
 
 
 def evaluate_folder(data: str, model_path: str, output: str | None = None,
-                    endpoint_url: str | None = None, detect_faces: bool = False) -> dict:
+                    endpoint_url: str | None = None, detect_faces: bool = False,
+                    crop_margin: float | None = None) -> dict:
     """Score a checkpoint on a labeled folder (one subfolder per class).
 
     Classes are matched by name. Images of classes the model lacks (e.g. JAFFE's
@@ -160,7 +161,9 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     data: labeled folder, local or s3://.
     model_path: model.pt written by ``fer-batch train``.
     output: folder for metrics.json and confusion_matrix.png (None = write nothing).
-    detect_faces: crop the largest Haar face first (for full photos such as JAFFE).
+    detect_faces: crop the largest Haar face first (for full photos such as JAFFE), the way
+        annotate crops it (labeled.load_faces).
+    crop_margin: margin around the Haar box (None = the checkpoint's, as annotate uses).
 
     Returns
     -------
@@ -174,7 +177,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     classes = [labeled.canonical(c) for c in meta["classes"]]
     channels = tuple(meta["input"]["channels"])
     size = int(meta["input"]["size"])
-    margin = float(meta.get("preprocessing", {}).get("crop_margin", 0.0))
+    margin = (float(meta["preprocessing"].get("crop_margin", 0.0)) if crop_margin is None
+              else crop_margin)
     paths, labels, data_classes = labeled.list_labeled(data, endpoint_url)
     match = match_classes(data_classes, classes)
     keep = [i for i, lab in enumerate(labels) if lab in match["shared"]]
@@ -192,7 +196,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     metrics = compute_metrics(y_true, y_pred, classes)
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
                    excluded_classes=excluded, missing_classes=match["model_only"],
-                   skipped=skipped, detect_faces=detect_faces)
+                   skipped=skipped, detect_faces=detect_faces, crop_margin=margin)
     print(f"evaluate {data}: {format_metrics(metrics)}")
     if output:
         write_report(output, metrics, title=os.path.basename(os.path.normpath(data)))

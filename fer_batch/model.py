@@ -139,6 +139,20 @@ def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, 
     return ckpt["model_id"]
 
 
+def export_half(src: str, dst: str, **updates) -> str:
+    """Copy a checkpoint with its floating-point weights stored as fp16 (half the size: the
+    shipped default model); `updates` replace top-level entries (e.g. metrics). Loading
+    widens them back to fp32. Returns the new model_id."""
+    with open(src, "rb") as f:
+        ckpt = read_checkpoint(f.read(), src)
+    state = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    ckpt.update(updates, state_dict=state, model_id=weights_id(state))
+    tmp = f"{dst}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, dst)
+    return ckpt["model_id"]
+
+
 def _plain(obj):
     """JSON-like copy (dict/list/str/int/float/bool/None) so weights_only loading accepts it."""
     if isinstance(obj, dict):
