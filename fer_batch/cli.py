@@ -207,6 +207,27 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
+def _small_command(args) -> int:
+    """evaluate, report, compact: a bad model, folder or output ends in one line, exit 2."""
+    from fer_batch import evaluate, report, runs
+    from fer_batch.model import CheckpointError
+    try:
+        if args.command == "evaluate":
+            metrics = evaluate.evaluate_folder(args.data, args.model, args.output,
+                                               args.endpoint_url, detect_faces=args.detect_faces,
+                                               crop_margin=args.crop_margin)
+            print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
+        elif args.command == "report":
+            print(report.write_report(args.output, args.html))
+        else:
+            print(runs.compact(args.output))
+    except (CheckpointError, runs.ForeignOutputError, runs.LockedError, ValueError,
+            FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        print(f"fer-batch {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     t0 = time.perf_counter()
@@ -214,21 +235,8 @@ def main(argv=None) -> int:
         code = annotate(config_from_args(AnnotateConfig, args))
     elif args.command == "train":
         code = train(config_from_args(TrainConfig, args))
-    elif args.command == "evaluate":
-        from fer_batch import evaluate
-        metrics = evaluate.evaluate_folder(args.data, args.model, args.output, args.endpoint_url,
-                                           detect_faces=args.detect_faces,
-                                           crop_margin=args.crop_margin)
-        print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
-        code = 0
-    elif args.command == "report":
-        from fer_batch import report
-        print(report.write_report(args.output, args.html))
-        code = 0
-    elif args.command == "compact":
-        from fer_batch import runs
-        print(runs.compact(args.output))
-        code = 0
+    elif args.command in ("evaluate", "report", "compact"):
+        code = _small_command(args)
     else:
         code = EXIT_USAGE
     logging.getLogger(__name__).debug("done in %.1fs", time.perf_counter() - t0)

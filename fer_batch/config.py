@@ -40,62 +40,67 @@ class AnnotateConfig:
     break_lock: bool = opt(False, "Take over OUT/_lock left by a run that died on another "
                            "machine (a dead run on this machine is detected by itself).", "input")
     limit: int = opt(0, "Process only the first N listed files (0 = all); for smoke tests.",
-                     "input")
+                     "input", min=0)
     endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores (MinIO, Ceph). "
                                       "Default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS.",
                                       "input")
 
     # --- video sampling
     sample_fps: float = opt(2.0, "Frames per second sampled from each video, by timestamp.",
-                            "video")
+                            "video", gt=0)
     every_n_frames: int = opt(0, "Take every N-th decoded frame instead of --sample-fps "
-                              "(1 = every frame).", "video")
+                              "(1 = every frame).", "video", min=0)
     all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")
 
     # --- face detection (Haar cascade on the equalized grayscale frame)
     detect_max_side: int = opt(1280, "Detect on a copy downscaled so its longer side is at most "
                                "this many pixels; boxes are mapped back to original pixels. "
                                "0 = full resolution. 1280 keeps >=95%% of full-resolution "
-                               "detections on the photo set (see BENCHMARKS.md).", "detection")
-    scale_factor: float = opt(1.1, "Haar cascade scaleFactor (image pyramid step).", "detection")
+                               "detections on the photo set (see BENCHMARKS.md).", "detection",
+                               min=0)
+    scale_factor: float = opt(1.1, "Haar cascade scaleFactor (image pyramid step).", "detection",
+                              gt=1)
     min_neighbors: int = opt(5, "Haar cascade minNeighbors (higher = fewer false positives).",
-                             "detection")
-    min_face: int = opt(24, "Smallest face side to detect, in original pixels.", "detection")
+                             "detection", min=0)
+    min_face: int = opt(24, "Smallest face side to detect, in original pixels.", "detection",
+                         min=0)
     verify: bool = opt(True, "Confirm each detection with a second cascade (frontalface_alt2) "
                        "on the box and its margin: removes most false positives at no cost "
                        "in recall on the annotated photos.", "detection")
     max_pixels: int = opt(120_000_000, "Refuse images and video frames with more pixels than "
-                          "this (decompression bombs) before decoding them.", "detection")
+                          "this (decompression bombs) before decoding them.", "detection",
+                          min=1)
 
     # --- inference
-    batch_size: int = opt(256, "Faces per inference batch.", "inference")
+    batch_size: int = opt(256, "Faces per inference batch.", "inference", min=1)
     device: str = opt("auto", "auto (GPU when the cluster has one at start), cpu or cuda "
                       "(use cuda on autoscaling clusters whose GPU nodes start at zero).",
                       "inference", choices=("auto", "cpu", "cuda"))
     min_score: float = opt(0.0, "Below this top probability the label is 'uncertain' "
-                           "(probabilities are kept).", "inference")
+                           "(probabilities are kept).", "inference", min=0, max=1)
 
     # --- face tracks (videos; see docs/report.md)
     track_iou_threshold: float = opt(0.3, "Smallest IoU between a track's predicted box and a "
-                                     "face to link them.", "tracks")
+                                     "face to link them.", "tracks", min=0, max=1)
     track_max_gap_s: float = opt(2.0, "A track ends after this many seconds without a face.",
-                                 "tracks")
+                                 "tracks", min=0)
     track_smooth_s: float = opt(1.0, "Width of the centred moving average over per-frame "
                                 "probabilities before a track is cut into label segments.",
-                                "tracks")
+                                "tracks", min=0)
 
     # --- cluster
     address: Optional[str] = opt(None, "Ray cluster to join (e.g. ray://head:10001 or auto). "
                                  "Default: the cluster of a `ray job submit` job, else an "
                                  "in-process local Ray.", "cluster")
     preprocess_actors: int = opt(0, "CPU actors for decode+detect+crop (0 = one per CPU, "
-                                 "autoscaling on a cluster).", "cluster")
-    infer_actors: int = opt(0, "Inference actors (0 = one per GPU, or 1 on CPU).", "cluster")
+                                 "autoscaling on a cluster).", "cluster", min=0)
+    infer_actors: int = opt(0, "Inference actors (0 = one per GPU, or 1 on CPU).", "cluster",
+                           min=0)
     images_per_task: int = opt(32, "Images processed in one Ray task (up to 64 MiB of them); "
                                "1 = one task per file. Videos always get a task each.",
-                               "cluster")
+                               "cluster", min=1)
     max_file_retries: int = opt(2, "Times a file that crashes its worker is retried before it "
-                                "is recorded as an error.", "cluster")
+                                "is recorded as an error.", "cluster", min=0)
 
 
 @dataclass(frozen=True)

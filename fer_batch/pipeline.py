@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
+import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
@@ -29,6 +31,48 @@ from fer_batch.preprocess import FaceCropper
 
 IMAGES_PER_UNIT = 32  # default --images-per-task: per-task overhead amortised over many
 UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
+
+
+class ConfigError(ValueError):
+    """An option value outside its allowed range."""
+
+
+def allowed_range(lo=None, gt=None, hi=None) -> str:
+    """Words for a range: '0 to 1', 'greater than 1', '0 or more', 'at most 5'."""
+    if lo is not None and hi is not None:
+        return f"{lo} to {hi}"
+    if gt is not None:
+        return f"greater than {gt}" + (f" and at most {hi}" if hi is not None else "")
+    if lo is not None:
+        return f"{lo} or more"
+    return f"at most {hi}" if hi is not None else "any number"
+
+
+def range_problem(value, lo=None, gt=None, hi=None) -> str | None:
+    """None when value is a finite number within the bounds (lo <= value, gt < value,
+    value <= hi); else what is wrong, naming the allowed range."""
+    allowed = allowed_range(lo, gt, hi)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        return f"must be a finite number, {allowed}"
+    if (lo is not None and value < lo) or (gt is not None and value <= gt) or \
+            (hi is not None and value > hi):
+        return f"is out of range; allowed: {allowed}"
+    return None
+
+
+def check_config(cfg: AnnotateConfig) -> None:
+    """Fail fast, before Ray starts: every option whose field carries bounds in its metadata
+    (config.opt(..., min=, gt=, max=)) must lie within them. Raises ConfigError with one
+    line naming the flag and its allowed range."""
+    for f in dataclasses.fields(cfg):
+        md = f.metadata
+        if not {"min", "gt", "max"} & set(md):
+            continue
+        value = getattr(cfg, f.name)
+        problem = range_problem(value, md.get("min"), md.get("gt"), md.get("max"))
+        if problem:
+            raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} {problem}")
 
 
 def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[dict]:
@@ -87,6 +131,18 @@ class AttemptCounter:
         self.ledger.finish.remote(uri)
 
 
+class NameSafeCropper(FaceCropper):
+    """FaceCropper whose rows carry names Arrow can store: a file name that is not valid
+    UTF-8 is read under its real name and written escaped (sink.safe_text), so it is
+    processed like any other file instead of failing the run when Ray builds a block."""
+
+    def __call__(self, batch: dict):
+        for out in super().__call__(batch):
+            for col in ("source", "error"):
+                out[col] = np.array(sink.safe_texts(out[col]), dtype=object)
+            yield out
+
+
 class StagingSink(Datasink):
     """Ray Data sink: splits each block into faces and files tables, writes both as Parquet
     into the run's staging folder. Nothing here is visible to readers until commit."""
@@ -118,22 +174,31 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
 
     Ray must be initialised by the caller (cli.main or a job)."""
     started, t0 = runs.now_iso(), time.perf_counter()
+    check_config(cfg)
     _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)  # fail fast, before any work
     classes, model_id = meta["classes"], meta["model_id"]
+    sink.check_class_names(classes, cfg.model)
     # model input and crop framing (older checkpoints: no margin)
     spec = dict(meta["input"], crop_margin=float(meta["preprocessing"].get("crop_margin", 0.0)))
 
     out = runs.Output(cfg.output, cfg.endpoint_url)
     run_id = runs.new_run_id()
-    out.acquire(run_id, break_lock=getattr(cfg, "break_lock", False))
+    out.acquire(run_id, break_lock=getattr(cfg, "break_lock", False))  # refuses foreign folders
     try:
         for line in out.recover():
             progress(f"recovery: {line}")
-        entries = sources.list_files(cfg.sources, cfg.endpoint_url)
+        if sources.excluded(cfg.output, sources.exclusion_roots(cfg.sources)):
+            progress(f"the output {cfg.output} lies inside a source: its files are not listed")
+        entries = sources.list_files(cfg.sources, cfg.endpoint_url, exclude=(cfg.output,))
         if cfg.limit:
             entries = entries[:cfg.limit]
+        bad_names = sum(not sources.utf8_name(e["uri"]) for e in entries)
+        if bad_names:
+            progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
+                     "\\xNN escapes for the bad bytes (docs/output.md)")
         done = runs.done_index(cfg.output, cfg.endpoint_url) if cfg.incremental else {}
-        already = [e for e in entries if done.get(e["uri"]) == (e["size_bytes"], e["mtime_ns"])]
+        already = [e for e in entries
+                   if done.get(sink.safe_text(e["uri"])) == (e["size_bytes"], e["mtime_ns"])]
         skip = {e["uri"] for e in already}
         settled = [e for e in entries if e["status"] != "pending" and e["uri"] not in skip]
         todo = [e for e in entries if e["status"] == "pending" and e["uri"] not in skip]
@@ -158,7 +223,7 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
                         config=dataclasses.asdict(cfg), files_listed=len(entries),
                         files_already_done=len(already), duplicate_rows_dropped=dropped,
                         **counts)
-        out.commit(run_id, manifest)
+        out.commit_or_set_aside(run_id, manifest)
         manifest.update(faces_path=f"{out.uri}/faces", files_path=f"{out.uri}/files",
                         manifest_path=f"{out.uri}/_runs/{run_id}.json")
         return manifest
@@ -177,7 +242,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task
         .map_batches(
-            FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
+            NameSafeCropper, batch_size=1, batch_format="numpy", num_cpus=1,
             # start as many actors as the CPUs present now (not 1, then scale up: each actor
             # start costs seconds of imports); grow to crop_actors as nodes join
             compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(items)),

@@ -9,6 +9,12 @@ Layout of OUT (local path or s3://), documented in docs/output.md:
     OUT/_staging/<RID>/{faces,files}/       a run in progress (invisible to readers)
     OUT/_staging/<RID>/READY.json           staging complete; commit may roll forward
     OUT/_lock                               held by the run in progress
+    OUT/_fer-batch.json                     marker: this folder is a fer-batch output
+    OUT/_failed/<RID>/                      a run whose commit could not complete, set aside
+
+fer-batch deletes and moves only what it wrote: names that match RUN_ID_PATTERN under
+_staging/, faces/, files/ and tracks/, and its own markers. A non-empty folder without
+the marker (or an older fer-batch layout) is refused as an output (``claim``).
 
 A run writes only into its staging folder. When every file is accounted for it
 writes READY.json, moves staging into faces/ and files/ (directory renames on
@@ -24,6 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 import secrets
 import socket
 
@@ -36,10 +43,34 @@ import pyarrow.parquet as pq
 from fer_batch import sink, sources, tracks
 
 SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
+RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")  # new_run_id(); nothing else is ours
+MARKER = "_fer-batch.json"  # written into an output folder when fer-batch first uses it
+MARKER_FORMAT = "fer-batch-output/1"
+TABLES = ("faces", "files", "tracks")
+IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "lost+found"})  # do not make a folder "used"
 
 
 class LockedError(RuntimeError):
     """Another run holds OUT/_lock."""
+
+
+class ForeignOutputError(ValueError):
+    """The output folder holds files that fer-batch did not write."""
+
+
+class CommitError(RuntimeError):
+    """A staged run could not be committed; it was set aside under OUT/_failed/RID."""
+
+
+def is_run_id(name: str) -> bool:
+    """True for names new_run_id() makes (20261128T021745Z-3fa9c1), False for anything else."""
+    return bool(RUN_ID_PATTERN.match(name))
+
+
+def partition_run_id(name: str) -> str | None:
+    """'run_id=RID' -> RID when RID is a run id; None for any other folder name."""
+    key, sep, rid = name.partition("=")
+    return rid if key == "run_id" and sep and is_run_id(rid) else None
 
 
 def new_run_id() -> str:
@@ -77,10 +108,56 @@ class Output:
             f.write(json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
         self.fs.move(tmp, path)
 
+    # --- ownership: never work in a folder that fer-batch did not create
+    def children(self, path: str | None = None) -> list:
+        """FileInfo of the entries directly under path (default: the root); [] when it is
+        absent or not a folder."""
+        path = path or self.root
+        if self.fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
+        return [i for i in self.fs.get_file_info(pafs.FileSelector(path)) if i.base_name]
+
+    def looks_like_ours(self) -> bool:
+        """True when the folder has the marker, or the layout of an older fer-batch that
+        wrote none: a manifest _runs/RID.json, a staging folder _staging/RID, or a partition
+        faces|files|tracks/run_id=RID."""
+        if self.exists(self.path(MARKER)):
+            return True
+        if any(i.base_name.endswith(".json") and is_run_id(i.base_name[:-5])
+               for i in self.children(self.path("_runs"))):
+            return True
+        if any(is_run_id(i.base_name) for i in self.children(self.path("_staging"))):
+            return True
+        return any(partition_run_id(i.base_name) for t in TABLES
+                   for i in self.children(self.path(t)))
+
+    def check_ours(self) -> bool:
+        """Raise ForeignOutputError for a non-empty folder that is not a fer-batch output.
+        Returns True when the folder is ours already, False when it is new or empty."""
+        if self.looks_like_ours():
+            return True
+        found = sorted(i.base_name for i in self.children() if i.base_name not in IGNORED_NAMES)
+        if found:
+            shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise ForeignOutputError(
+                f"output {self.uri} is not empty ({shown}) and is not a fer-batch output (no "
+                f"{MARKER}); fer-batch refuses to write into it so that nothing of yours is "
+                "moved or deleted. Pass a new or empty folder as --output.")
+        return False
+
+    def claim(self) -> None:
+        """check_ours, then write the marker (once) so later runs know the folder is ours."""
+        self.check_ours()
+        if not self.exists(self.path(MARKER)):
+            self.write_json(self.path(MARKER), dict(
+                format=MARKER_FORMAT, created=now_iso(),
+                note="written by fer-batch: this folder is a fer-batch output. fer-batch "
+                     "deletes or moves only what it wrote here (run ids, staging, markers)."))
+
     # --- lock: refuse concurrent runs into the same OUT
     def acquire(self, run_id: str, break_lock: bool = False) -> None:
         lock = self.path("_lock")
-        self.fs.create_dir(self.root, recursive=True)
+        self.claim()  # before the lock: a foreign folder is refused before anything is written
         if self.exists(lock) and not break_lock:
             held = self.read_json(lock)
             alive = held.get("host") != socket.gethostname() or _pid_alive(held.get("pid"))
@@ -109,12 +186,9 @@ class Output:
 
     # --- runs
     def committed_runs(self) -> dict[str, dict]:
-        runs_dir = self.path("_runs")
-        if not self.exists(runs_dir):
-            return {}
         out = {}
-        for info in self.fs.get_file_info(pafs.FileSelector(runs_dir)):
-            if info.base_name.endswith(".json"):
+        for info in self.children(self.path("_runs")):
+            if info.base_name.endswith(".json") and is_run_id(info.base_name[:-5]):
                 out[info.base_name[:-5]] = self.read_json(info.path)
         return dict(sorted(out.items()))
 
@@ -123,28 +197,61 @@ class Output:
 
     def recover(self) -> list[str]:
         """Roll forward commits that died after READY; delete dead runs' staging and any
-        partition without a manifest. Returns what it did, one line each."""
+        partition without a manifest; set aside (``set_aside``) a commit that fails. Touches
+        only names that match RUN_ID_PATTERN: anything else under OUT is left alone. Returns
+        what it did, one line each."""
         done = []
-        staging_root = self.path("_staging")
-        if self.exists(staging_root):
-            for info in self.fs.get_file_info(pafs.FileSelector(staging_root)):
-                rid = info.base_name
-                if self.exists(f"{info.path}/READY.json"):
+        committed = self.committed_runs()
+        for info in self.children(self.path("_staging")):
+            rid = info.base_name
+            if info.type != pafs.FileType.Directory or not is_run_id(rid):
+                done.append(f"left alone _staging/{rid}: not written by fer-batch")
+                continue
+            if rid in committed:  # committed; died while deleting its staging
+                self.fs.delete_dir(info.path)
+                done.append(f"removed leftover staging of committed run {rid}")
+            elif self.exists(f"{info.path}/READY.json"):
+                try:
                     self.commit(rid, self.read_json(f"{info.path}/READY.json"))
                     done.append(f"rolled forward the commit of run {rid}")
-                else:
-                    self.fs.delete_dir(info.path)
-                    done.append(f"discarded staging of unfinished run {rid}")
+                except Exception as e:  # noqa: BLE001 -- any cause: never retried forever
+                    done.append(self.set_aside(rid, e))
+            else:
+                self.fs.delete_dir(info.path)
+                done.append(f"discarded staging of unfinished run {rid}")
         committed = self.committed_runs()
-        for table in ("faces", "files", "tracks"):
-            if not self.exists(self.path(table)):
-                continue
-            for info in self.fs.get_file_info(pafs.FileSelector(self.path(table))):
-                rid = info.base_name.partition("run_id=")[2]
-                if info.type == pafs.FileType.Directory and rid not in committed:
+        for table in TABLES:
+            for info in self.children(self.path(table)):
+                rid = partition_run_id(info.base_name)
+                if info.type == pafs.FileType.Directory and rid and rid not in committed:
                     self.fs.delete_dir(info.path)
                     done.append(f"removed uncommitted {table}/run_id={rid}")
         return done
+
+    def set_aside(self, run_id: str, error: BaseException) -> str:
+        """Move a run whose commit failed out of the way: its staging and any partition it
+        had already moved go to OUT/_failed/RID, with FAILED.json saying why. Readers and
+        recovery never look there, so later runs are not held up by it. Returns one line."""
+        failed = self.path("_failed", run_id)
+        cause = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:500]}" \
+            if str(error).strip() else type(error).__name__
+        self.fs.create_dir(failed, recursive=True)
+        moved = []
+        if self.exists(self.staging(run_id)):
+            _move_dir(self.fs, self.staging(run_id), f"{failed}/staging")
+            moved.append("staging")
+        for table in TABLES:
+            part = self.path(table, f"run_id={run_id}")
+            if self.exists(part):
+                _move_dir(self.fs, part, f"{failed}/{table}")
+                moved.append(f"{table}/run_id={run_id}")
+        self.write_json(f"{failed}/FAILED.json", dict(
+            run_id=run_id, error=cause, set_aside=now_iso(), moved=moved,
+            hint="the commit of this run failed; its rows are kept here and readers ignore "
+                 "them. Its files are processed again by the next run. Delete this folder "
+                 "when you no longer need it."))
+        return (f"set aside run {run_id}: its commit failed ({cause}); its staged rows are in "
+                f"{self.uri}/_failed/{run_id} and later runs redo its files")
 
     def commit(self, run_id: str, manifest: dict) -> None:
         """Make a fully staged run visible: READY, move partitions, manifest last."""
@@ -158,16 +265,22 @@ class Output:
             if not self.exists(src):
                 continue
             self.fs.create_dir(self.path(table), recursive=True)
-            if isinstance(self.fs, pafs.LocalFileSystem) and not self.exists(dst):
-                self.fs.move(src, dst)  # one rename: atomic on a local filesystem
-            else:
-                self.fs.create_dir(dst, recursive=True)
-                for info in self.fs.get_file_info(pafs.FileSelector(src)):
-                    self.fs.copy_file(info.path, f"{dst}/{info.base_name}")
-                self.fs.delete_dir(src)
+            _move_dir(self.fs, src, dst)
         self.write_json(self.path("_runs", f"{run_id}.json"), dict(manifest, state="committed",
                                                                     committed=now_iso()))
         self.fs.delete_dir(stage)
+
+    def commit_or_set_aside(self, run_id: str, manifest: dict) -> None:
+        """commit; when it fails, set the run aside (``set_aside``) and raise CommitError
+        naming where its rows are, so no later run retries the same failing commit."""
+        try:
+            self.commit(run_id, manifest)
+        except Exception as e:  # noqa: BLE001 -- any cause: the output must stay usable
+            try:
+                line = self.set_aside(run_id, e)
+            except Exception:  # noqa: BLE001 -- the output itself is broken: report the cause
+                raise e from None
+            raise CommitError(f"{line}. Fix the cause and run the same command again.") from e
 
     def track_staged(self, run_id: str, manifest: dict) -> None:
         """Link the staged faces into tracks (tracks.assign_tracks): rewrite staged faces with
@@ -238,6 +351,23 @@ class Output:
             pq.write_table(deduped, f"{d}/part-dedup.parquet", filesystem=self.fs,
                            compression="zstd")
         return dropped
+
+
+def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Move folder src to dst: one rename on local disk when dst is new (atomic), else
+    copy the files (S3 has no rename) and delete src."""
+    if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(dst).type == \
+            pafs.FileType.NotFound:
+        fs.move(src, dst)
+        return
+    fs.create_dir(dst, recursive=True)
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            rel = info.path[len(src.rstrip("/")) + 1:]
+            if "/" in rel:
+                fs.create_dir(f"{dst}/{rel.rsplit('/', 1)[0]}", recursive=True)
+            fs.copy_file(info.path, f"{dst}/{rel}")
+    fs.delete_dir(src)
 
 
 def _pid_alive(pid) -> bool:
@@ -334,6 +464,8 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
     latest run (what read_faces/read_files return). The new run commits before the old ones
     are removed, so readers always see one complete view. Returns a one-line summary."""
     out = Output(out_uri, endpoint_url)
+    if not out.check_ours():  # raises ForeignOutputError for a folder fer-batch did not write
+        return f"{out.uri}: not a fer-batch output (new or empty folder), nothing to compact"
     rid = new_run_id()
     out.acquire(rid)
     try:
@@ -371,7 +503,7 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
         manifest = dict(run_id=rid, started=now_iso(), finished=now_iso(), compacted_from=list(old),
                         model_id=last.get("model_id"), classes=last.get("classes"),
                         config=last.get("config"), rows=rows)
-        out.commit(rid, manifest)
+        out.commit_or_set_aside(rid, manifest)
         for old_id in old:  # manifest first: from here on the old run is invisible
             out.fs.delete_file(out.path("_runs", f"{old_id}.json"))
             for table in ("faces", "files", "tracks"):

@@ -31,6 +31,71 @@ FILE_SCHEMA = pa.schema([
 ])
 FACE_KEY = ("source", "frame_index", "face_index")  # unique per run
 FILE_KEY = ("source",)  # unique per run
+STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
+UNCERTAIN = "uncertain"  # = infer.UNCERTAIN, the label below --min-score (infer needs torch)
+
+
+class ClassNameError(ValueError):
+    """A checkpoint's class names cannot become output columns."""
+
+
+def reserved_names() -> frozenset:
+    """Every name a class must not take: the columns of OUT/faces, OUT/files and OUT/tracks
+    (and their partition run_id), the stream's own columns, and the label 'uncertain'."""
+    from fer_batch import tracks  # numpy + pyarrow only
+    names = [n for n, _ in FACE_COLUMNS + FACE_TAIL + tracks.TRACK_COLUMNS + tracks.TRACK_TAIL]
+    names += [*FILE_SCHEMA.names, *STREAM_COLUMNS, "track_id", "run_id", UNCERTAIN]
+    return frozenset(names)
+
+
+def check_class_names(classes, name: str = "checkpoint") -> None:
+    """Raise ClassNameError (one line naming the classes and the fix) unless every class is a
+    distinct, non-empty string that is no output column name (compared case-insensitively:
+    DuckDB and Spark ignore case). Called before any work: a clash found at commit would
+    waste the run."""
+    classes = list(classes) if isinstance(classes, (list, tuple)) else classes
+    if not isinstance(classes, list) or not classes:
+        raise ClassNameError(f"{name}: classes must be a non-empty list of names, not "
+                             f"{classes!r}; write checkpoints with `fer-batch train`")
+    bad = [c for c in classes if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise ClassNameError(f"{name}: class names must be non-empty text, found {bad!r}; "
+                             "rename those classes and retrain")
+    folded = [c.casefold() for c in classes]
+    dupes = sorted({c for c, f in zip(classes, folded) if folded.count(f) > 1})
+    if dupes:
+        raise ClassNameError(f"{name}: duplicate class names {dupes} (each becomes a column); "
+                             "rename those classes and retrain")
+    reserved = {r.casefold() for r in reserved_names()}
+    clash = [c for c in classes if c.casefold() in reserved]
+    if clash:
+        raise ClassNameError(f"{name}: class names {clash} clash with output column names or "
+                             f"the label '{UNCERTAIN}'; rename those classes (e.g. the class "
+                             "folders of the training data) and retrain")
+
+
+def safe_text(text):
+    """text that Arrow can store. A Linux file name that is not valid UTF-8 reaches Python
+    with its bad bytes as surrogates (PEP 383); each bad byte becomes a backslash escape:
+    the bytes ``caf`` 0xE9 ``.jpg`` give the text ``caf\\xe9.jpg`` (docs/output.md). Valid
+    text, None and non-strings are returned unchanged."""
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # surrogates that are not escaped bytes
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def safe_texts(values) -> list:
+    """safe_text of each value (a column of names or messages)."""
+    return [safe_text(v) for v in values]
 
 
 def face_schema(classes) -> pa.Schema:
@@ -55,18 +120,21 @@ def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
         elif name == "timestamp_s":
             ts = np.asarray(batch[name], np.float64)[f]
             faces[name] = pa.array(ts, typ, mask=np.isnan(ts))
+        elif name == "source":
+            faces[name] = pa.array(safe_texts(np.asarray(batch[name])[f]), typ)
         else:
             faces[name] = pa.array(np.asarray(batch[name])[f], typ)
     files = {
-        "source": batch["source"][r], "media_type": batch["media_type"][r],
+        "source": safe_texts(batch["source"][r]), "media_type": batch["media_type"][r],
         "status": batch["status"][r],
-        "error": [e or None for e in batch["error"][r]],
+        "error": [safe_text(e) or None for e in batch["error"][r]],
         "size_bytes": batch["size_bytes"][r], "mtime_ns": batch["mtime_ns"][r],
         "frames_decoded": batch["frame_index"][r],  # file rows carry counts in these columns
         "faces": batch["face_index"][r], "seconds": batch["timestamp_s"][r],
         "model_id": batch["model_id"][r],
     }
-    files_tbl = pa.table({n: pa.array(np.asarray(files[n]) if n != "error" else files[n], t)
+    files_tbl = pa.table({n: pa.array(np.asarray(files[n]) if n not in ("error", "source")
+                                      else files[n], t)
                           for n, t in zip(FILE_SCHEMA.names, FILE_SCHEMA.types)})
     return pa.table(faces, schema=schema), files_tbl
 
@@ -75,10 +143,10 @@ def file_rows_table(entries, model_id: str) -> pa.Table:
     """Files rows for entries settled at listing time (skipped extensions, listing errors)."""
     cols = {n: [] for n in FILE_SCHEMA.names}
     for e in entries:
-        cols["source"].append(e["uri"])
+        cols["source"].append(safe_text(e["uri"]))
         cols["media_type"].append(e["media_type"])
         cols["status"].append(e["status"])
-        cols["error"].append(e.get("error"))
+        cols["error"].append(safe_text(e.get("error")))
         cols["size_bytes"].append(e.get("size_bytes"))
         cols["mtime_ns"].append(e.get("mtime_ns"))
         cols["frames_decoded"].append(0)

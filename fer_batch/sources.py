@@ -166,16 +166,31 @@ class RangeReader(io.RawIOBase):
         super().close()
 
 
+def utf8_name(path: str) -> bool:
+    """False for a local name that is not valid UTF-8 (its bad bytes are surrogates in str,
+    PEP 383): pyarrow cannot pass such a name to the OS, Python's own open() can."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def open_input(uri: str, endpoint_url: str | None = None):
     """A seekable binary file for ``uri``: a local file, or a RangeReader over S3 (ranged
     GETs, never a whole download)."""
     fs, path = resolve(uri, endpoint_url)
+    if not is_s3(uri) and not utf8_name(path):
+        return open(path, "rb")
     f = fs.open_input_file(path)
     return RangeReader(f) if is_s3(uri) else f
 
 
 def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
     fs, path = resolve(uri, endpoint_url)
+    if not is_s3(uri) and not utf8_name(path):
+        with open(path, "rb") as f:
+            return f.read()
     with fs.open_input_file(path) as f:  # one GET of the whole object on S3
         return f.read()
 
@@ -312,14 +327,35 @@ def _entry(uri: str, size: int | None, mtime_ns: int | None, error: str | None =
                 status=status, error=error)
 
 
-def _walk_local(root: str):
-    """Yield entries under a local folder; symlinks are followed once, loops are reported."""
+def _under(path: str, root: str) -> bool:
+    """True when path is root or lies below it (both absolute, or both s3://)."""
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def exclusion_roots(uris) -> tuple:
+    """Real local paths and s3:// URIs (no trailing /) of folders to leave out of a listing."""
+    return tuple(u.rstrip("/") if is_s3(u) else os.path.realpath(u) for u in uris if u)
+
+
+def excluded(uri: str, roots) -> bool:
+    """True when uri lies in one of ``exclusion_roots``' folders (symlinks resolved)."""
+    if not roots:
+        return False
+    path = uri.rstrip("/") if is_s3(uri) else os.path.realpath(uri)
+    return any(_under(path, r) for r in roots)
+
+
+def _walk_local(root: str, skip: tuple = ()):
+    """Yield entries under a local folder; symlinks are followed once, loops are reported.
+    Folders under a path of skip (real paths) are not entered."""
     seen_dirs = set()
     stack = [root]
     while stack:
         folder = stack.pop()
         try:
             real = os.path.realpath(folder)
+            if any(_under(real, r) for r in skip):
+                continue
             if real in seen_dirs:
                 yield _entry(folder, None, None, f"symlink loop: {folder} -> {real} already listed")
                 continue
@@ -339,6 +375,8 @@ def _walk_local(root: str):
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(child.path)
             elif stat.S_ISREG(st.st_mode):
+                if skip and child.is_symlink() and excluded(child.path, skip):
+                    continue
                 yield _entry(child.path, st.st_size, st.st_mtime_ns)
             else:  # never opened: reading a FIFO would block the worker forever
                 yield _entry(child.path, None, None, "not a regular file (FIFO, socket or "
@@ -346,14 +384,27 @@ def _walk_local(root: str):
         stack.extend(reversed(subdirs))
 
 
-def _walk(fs: pafs.FileSystem, path: str, scheme: str):
+def _walk(fs: pafs.FileSystem, path: str, scheme: str, skip: tuple = ()):
     if isinstance(fs, pafs.LocalFileSystem):
-        yield from _walk_local(path)
+        yield from _walk_local(path, skip)
         return
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     for info in sorted(infos, key=lambda i: i.path):
         if info.type == pafs.FileType.File and not info.path.endswith("/"):
-            yield _entry(scheme + info.path, info.size, info.mtime_ns)
+            if not any(_under(scheme + info.path, r) for r in skip):
+                yield _entry(scheme + info.path, info.size, info.mtime_ns)
+
+
+def _local_info(path: str):
+    """get_file_info for a local path by os.stat, so a name that is not valid UTF-8 works:
+    an object with .type, .size and .mtime_ns."""
+    import types
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return types.SimpleNamespace(type=pafs.FileType.NotFound, size=None, mtime_ns=None)
+    kind = pafs.FileType.Directory if stat.S_ISDIR(st.st_mode) else pafs.FileType.File
+    return types.SimpleNamespace(type=kind, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 def _read_manifest(uri: str, endpoint_url: str | None) -> list[str]:
@@ -388,13 +439,15 @@ def _stat_one(uri: str, endpoint_url: str | None) -> dict:
     return _entry(uri if is_s3(uri) else path, info.size, info.mtime_ns)
 
 
-def list_files(sources, endpoint_url: str | None = None) -> list[dict]:
+def list_files(sources, endpoint_url: str | None = None, exclude=()) -> list[dict]:
     """Expand SOURCE arguments into one entry per file.
 
     Parameters
     ----------
     sources: local paths or s3:// URIs of files, folders or manifests (.txt/.csv/.lst).
     endpoint_url: optional S3 endpoint (see ``s3_filesystem``).
+    exclude: folders (local or s3://) whose files are left out, whichever SOURCE holds
+        them: the run's own output folder when it lies inside a source folder.
 
     Returns
     -------
@@ -404,15 +457,16 @@ def list_files(sources, endpoint_url: str | None = None) -> list[dict]:
     Raises SourceError when a SOURCE itself does not exist or cannot be listed.
     """
     entries: dict[str, dict] = {}
+    skip = exclusion_roots(exclude)
     for src in sources:
         fs, path = resolve(src, endpoint_url)
         scheme = "s3://" if is_s3(src) else ""
         try:
-            info = fs.get_file_info(path)
+            info = fs.get_file_info(path) if is_s3(src) else _local_info(path)
             if info.type == pafs.FileType.NotFound:
                 check_access(src, endpoint_url)  # names a missing bucket; else "not found"
             if info.type == pafs.FileType.Directory:
-                found = list(_walk(fs, path, scheme))  # S3: paginated ListObjectsV2
+                found = list(_walk(fs, path, scheme, skip))  # S3: paginated ListObjectsV2
             elif posixpath.splitext(path.lower())[1] in MANIFEST_EXTS:
                 try:
                     uris = _read_manifest(src, endpoint_url)
@@ -422,6 +476,8 @@ def list_files(sources, endpoint_url: str | None = None) -> list[dict]:
                     found = list(pool.map(lambda u: _stat_one(u, endpoint_url), uris))
             else:
                 found = [_entry(scheme + path, info.size, info.mtime_ns)]
+            if skip and info.type != pafs.FileType.Directory:  # walks skip on their own
+                found = [e for e in found if not excluded(e["uri"], skip)]
         except OSError as e:
             raise SourceError(explain_s3_error(src, e, endpoint_url) if is_s3(src) else
                               f"cannot read source {src}: {e}") from None

@@ -1,0 +1,314 @@
+"""Issue 13, the data-safety items: fer-batch never deletes what it did not write, a bad
+checkpoint, file name or option stops nothing but itself (or is refused before any work),
+and a commit that cannot complete is set aside instead of being retried every night."""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import cv2
+import pyarrow as pa
+import pytest
+
+import corpus
+import fer_batch
+from fer_batch import cli, runs, sink, sources, tracks
+from fer_batch.config import AnnotateConfig
+
+RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
+                                   "20260103T000000Z-cccccc")
+USER_FILES = {  # what a user's folder may hold where fer-batch keeps its tables
+    "faces/family/mom.jpg": b"\xff\xd8 mom",
+    "files/2024_taxes/return.pdf": b"%PDF taxes",
+    "tracks/notes/list.txt": b"groceries",
+    "_staging/notes/todo.txt": b"todo",
+    "_staging/plain.txt": b"a plain file in _staging",
+    "_runs/notes.json": b"not json at all",
+    "report.docx": b"PK",
+}
+
+
+def put_user_files(root: Path) -> None:
+    for rel, data in USER_FILES.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def assert_user_files_intact(root: Path) -> None:
+    for rel, data in USER_FILES.items():
+        assert (root / rel).read_bytes() == data, f"{rel} was changed or deleted"
+
+
+def stage_run(out: runs.Output, rid: str, classes, source: str = "v.mp4") -> dict:
+    """A staged run as the sink writes it: one video face and one files row (real Parquet)."""
+    schema = sink.face_schema(classes)
+    row = {n: [0] for n in schema.names}
+    row.update(source=[source], media_type=["video"], timestamp_s=[0.5], label=[classes[0]],
+               score=[1.0], model_id=["m"], crop_png=[b""], x=[1], y=[2], w=[30], h=[30])
+    faces = pa.table(row, schema=schema)
+    files = sink.file_rows_table([dict(uri=source, media_type="video", status="ok",
+                                       size_bytes=10, mtime_ns=5)], "m")
+    sink.write_tables(out.fs, out.staging(rid), faces, files, name="0")
+    return dict(run_id=rid, classes=list(classes), config={})
+
+
+# --- 1. never delete what fer-batch did not write ------------------------------------
+
+def test_recovery_touches_only_what_fer_batch_wrote(tmp_path):
+    root = tmp_path / "out"
+    out = runs.Output(str(root))
+    put_user_files(root)  # folders of the user's own, where fer-batch keeps its tables
+    (root / "_staging" / RID_DEAD).mkdir(parents=True)  # a run that died before READY
+    (root / "_staging" / RID_DEAD / "config.json").write_text("{}")
+    orphan = root / "faces" / f"run_id={RID_ORPHAN}"  # a partition without a manifest
+    orphan.mkdir(parents=True)
+    (orphan / "part-0.parquet").write_bytes(b"half")
+
+    done = out.recover()
+
+    assert_user_files_intact(root)
+    assert not (root / "_staging" / RID_DEAD).exists() and not orphan.exists()
+    assert f"discarded staging of unfinished run {RID_DEAD}" in done
+    assert f"removed uncommitted faces/run_id={RID_ORPHAN}" in done
+    assert "left alone _staging/plain.txt: not written by fer-batch" in done
+    assert out.committed_runs() == {}  # _runs/notes.json is not a run
+
+
+def test_annotate_refuses_a_non_empty_folder_that_is_not_a_fer_batch_output(
+        tmp_path, random_checkpoint, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.jpg"), corpus.face_image())
+    root = tmp_path / "documents"
+    put_user_files(root)
+    code = cli.main(["annotate", str(src), "--model", random_checkpoint, "--output", str(root)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and str(root) in err and "new or empty folder" in err
+    assert_user_files_intact(root)
+    assert not (root / "_lock").exists() and not (root / runs.MARKER).exists()
+
+
+def test_compact_refuses_a_folder_it_did_not_write(tmp_path):
+    root = tmp_path / "documents"
+    put_user_files(root)
+    with pytest.raises(ValueError, match=str(root)) as refused:
+        runs.compact(str(root))
+    assert isinstance(refused.value, runs.ForeignOutputError)
+    assert_user_files_intact(root)
+    assert not (root / "_lock").exists() and not (root / runs.MARKER).exists()
+    new = tmp_path / "new"
+    assert "nothing to compact" in runs.compact(str(new))
+    assert not new.exists()  # compacting nothing creates nothing
+
+
+def test_outputs_of_older_versions_without_the_marker_keep_working(tmp_path):
+    root = tmp_path / "old"
+    out = runs.Output(str(root))
+    out.commit(RID_DEAD, stage_run(out, RID_DEAD, corpus_classes()))  # no marker written
+    assert not (root / runs.MARKER).exists()
+    out.acquire(RID_ORPHAN)  # accepted: _runs/RID.json is fer-batch's layout
+    try:
+        assert out.recover() == []
+    finally:
+        out.release()
+    assert json.loads((root / runs.MARKER).read_text())["format"] == runs.MARKER_FORMAT
+    assert fer_batch.read_files(str(root), as_pandas=True)["source"].tolist() == ["v.mp4"]
+
+
+def corpus_classes():
+    from fer_batch.model import EMOTIONS
+    return list(EMOTIONS)
+
+
+def test_output_folder_inside_a_source_is_left_out_of_the_listing(tmp_path):
+    src = tmp_path / "photos"
+    (src / "trip").mkdir(parents=True)
+    (src / "trip" / "a.jpg").write_bytes(b"x")
+    out = src / "annotations"
+    for rel in ("report/contact_sheet.png", "faces/run_id=x/part-0.parquet", "_lock"):
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(b"ours")
+    (src / "link.png").symlink_to(out / "report" / "contact_sheet.png")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"{src / 'trip' / 'a.jpg'}\n{out / 'report' / 'contact_sheet.png'}\n")
+    want = [str(src / "trip" / "a.jpg")]
+    for given in (str(out), str(out) + "/", os.path.relpath(out)):
+        got = sources.list_files([str(src)], exclude=[given])
+        assert [e["uri"] for e in got] == want
+    assert [e["uri"] for e in sources.list_files([str(manifest)], exclude=[str(out)])] == want
+    assert len(sources.list_files([str(src)])) == 5  # without exclude: everything
+
+
+# --- 2. a checkpoint whose class names clash with a column -----------------------------
+
+def all_column_names() -> set:
+    return ({*sink.face_schema(["c"]).names, *sink.FILE_SCHEMA.names,
+             *tracks.tracks_schema(["c"]).names, "track_id", "run_id"} - {"c"})
+
+
+def test_every_column_name_and_uncertain_is_refused_as_a_class_name():
+    names = sorted(all_column_names() | {"uncertain"})
+    assert {"faces", "segments", "start_s", "end_s", "dominant_label", "first_frame_index",
+            "last_frame_index", "crop_png", "frames_decoded"} <= set(names)
+    for name in names:
+        classes = [*corpus_classes()[:6], name]
+        with pytest.raises(sink.ClassNameError, match=rf"m\.pt: class names \['{name}'\]"):
+            sink.check_class_names(classes, "m.pt")
+    with pytest.raises(sink.ClassNameError, match="duplicate"):
+        sink.check_class_names(["anger", "Anger"], "m.pt")
+    with pytest.raises(sink.ClassNameError, match="non-empty list"):
+        sink.check_class_names("anger", "m.pt")  # a string: each letter would be a class
+    sink.check_class_names(corpus_classes(), "m.pt")  # the real classes pass
+
+
+@pytest.fixture(scope="module")
+def clashing_checkpoints(tmp_path_factory):
+    """name -> model.pt whose last class is named like an output column (real weights)."""
+    import torch
+    from fer_batch import model as M
+    torch.manual_seed(0)
+    net, folder = M.build_model(), tmp_path_factory.mktemp("clash")
+    paths = {}
+    for name in ("faces", "segments", "uncertain"):
+        paths[name] = str(folder / f"{name}.pt")
+        M.save_checkpoint(paths[name], net, classes=[*M.EMOTIONS[:6], name],
+                          model_args=dict(num_classes=7, in_channels=1, stem="imagenet"),
+                          channels=["equalized"])
+    return paths
+
+
+@pytest.mark.parametrize("name", ["faces", "segments", "uncertain"])
+def test_annotate_refuses_a_checkpoint_whose_class_clashes_before_any_work(
+        name, clashing_checkpoints, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.jpg"), corpus.face_image())
+    out = tmp_path / "out"
+    code = cli.main(["annotate", str(src), "--model", clashing_checkpoints[name],
+                     "--output", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and f"'{name}'" in err and "retrain" in err
+    assert not out.exists()  # refused before anything was written
+
+
+def test_a_commit_that_cannot_complete_is_set_aside_not_retried_forever(tmp_path):
+    root = tmp_path / "out"
+    out = runs.Output(str(root))
+    classes = [*corpus_classes()[:6], "faces"]  # what an older fer-batch let through
+    out.write_json(f"{out.staging(RID_STUCK)}/READY.json",
+                   stage_run(out, RID_STUCK, classes, "stuck.mp4"))
+
+    done = out.recover()
+
+    assert len(done) == 1 and done[0].startswith(f"set aside run {RID_STUCK}: its commit "
+                                                 "failed (ValueError: class names ['faces']")
+    failed = root / "_failed" / RID_STUCK
+    info = json.loads((failed / "FAILED.json").read_text())
+    assert info["run_id"] == RID_STUCK and "clash" in info["error"]
+    assert (failed / "staging" / "READY.json").exists()  # its rows are kept
+    assert list((failed / "staging" / "faces").glob("*.parquet"))
+    assert not (root / "_staging" / RID_STUCK).exists()
+    assert out.recover() == []  # the next night is not held up by it
+    assert out.committed_runs() == {} and fer_batch.read_faces(str(root)) is None
+    own = "20260105T000000Z-eeeeee"  # a run's own commit that fails: set aside, then raised
+    with pytest.raises(runs.CommitError, match=rf"set aside run {own}: .*_failed/{own}"):
+        out.commit_or_set_aside(own, stage_run(out, own, classes, "own.mp4"))
+    assert (root / "_failed" / own / "FAILED.json").exists()
+    assert not (root / "_staging" / own).exists() and out.recover() == []
+    good = "20260104T000000Z-dddddd"  # and a good run still commits
+    out.commit_or_set_aside(good, stage_run(out, good, corpus_classes(), "good.mp4"))
+    assert fer_batch.read_files(str(root), as_pandas=True)["source"].tolist() == ["good.mp4"]
+
+
+# --- 3. file names that are not valid UTF-8 ---------------------------------------------
+
+def test_names_that_are_not_utf8_are_read_and_stored_escaped(tmp_path):
+    raw = os.fsencode(str(tmp_path)) + b"/caf\xe9.jpg"
+    with open(raw, "wb") as f:
+        f.write(b"bytes of the photo")
+    (entry,) = sources.list_files([str(tmp_path)])
+    assert entry["status"] == "pending" and not sources.utf8_name(entry["uri"])
+    assert sources.read_bytes(entry["uri"]) == b"bytes of the photo"
+    with sources.open_input(entry["uri"]) as f:
+        assert f.read() == b"bytes of the photo"
+    assert sink.safe_text(entry["uri"]) == f"{tmp_path}/caf\\xe9.jpg"
+    tbl = sink.file_rows_table([dict(entry, status="error", error=f"bad {entry['uri']}")], "m")
+    assert tbl["source"].to_pylist() == [f"{tmp_path}/caf\\xe9.jpg"]
+    assert tbl["error"].to_pylist() == [f"bad {tmp_path}/caf\\xe9.jpg"]
+    assert sink.safe_text("Émotions été.jpg") == "Émotions été.jpg"  # valid names unchanged
+
+
+def test_run_with_undecodable_names_and_its_output_inside_the_source(
+        ray_local, random_checkpoint, tmp_path):
+    """Two nightly --incremental runs of a folder holding names that are not UTF-8 and the
+    run's own output: both commit, the names are stored escaped, the photo with a bad name
+    is processed, and the second night finds nothing new (the output is not listed)."""
+    src = tmp_path / "archive"
+    src.mkdir()
+    ok, photo = cv2.imencode(".jpg", corpus.face_image(400, 300))
+    assert ok
+    raw = os.fsencode(str(src))
+    for name, data in ((b"good.jpg", photo.tobytes()), (b"caf\xe9.jpg", photo.tobytes()),
+                       (b"notes\xff.txt", b"not media")):
+        with open(raw + b"/" + name, "wb") as f:
+            f.write(data)
+    out = src / "annotations"
+    args = ["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
+            "--incremental"]
+    assert cli.main(args) == 0
+    files = fer_batch.read_files(str(out), as_pandas=True).set_index("source")
+    bad_jpg, bad_txt = f"{src}/caf\\xe9.jpg", f"{src}/notes\\xff.txt"
+    assert sorted(files.index) == sorted([bad_jpg, bad_txt, f"{src}/good.jpg"])
+    assert files.loc[bad_jpg, "status"] == "ok" and files.loc[bad_txt, "status"] == "skipped"
+    assert files.loc[bad_jpg, "faces"] == files.loc[f"{src}/good.jpg", "faces"]
+    if corpus.has_faces():
+        assert files.loc[bad_jpg, "faces"] >= 1
+        faces = fer_batch.read_faces(str(out), as_pandas=True)
+        assert bad_jpg in set(faces["source"])
+    assert cli.main(args) == 0  # the output now holds Parquet, manifests, a lock, a marker
+    second = list(runs.Output(str(out)).committed_runs().values())[-1]
+    assert second["files_listed"] == 3 and second["files_already_done"] == 3
+    assert second["files_ok"] + second["files_error"] + second["files_skipped"] == 0
+
+
+# --- 4. option values are checked before Ray starts ------------------------------------
+
+BAD_OPTIONS = [
+    ("--limit", "-2", "0 or more"), ("--max-file-retries", "-1", "0 or more"),
+    ("--scale-factor", "1", "greater than 1"), ("--detect-max-side", "-10", "0 or more"),
+    ("--sample-fps", "0", "greater than 0"), ("--sample-fps", "nan", "finite"),
+    ("--sample-fps", "inf", "finite"), ("--batch-size", "0", "1 or more"),
+    ("--images-per-task", "0", "1 or more"), ("--min-score", "1.5", "0 to 1"),
+    ("--min-score", "-0.1", "0 to 1"), ("--track-iou-threshold", "2", "0 to 1"),
+    ("--track-max-gap-s", "-1", "0 or more"), ("--track-smooth-s", "-0.5", "0 or more"),
+    ("--every-n-frames", "-1", "0 or more"), ("--max-pixels", "0", "1 or more"),
+]
+
+
+@pytest.mark.parametrize("flag,value,allowed", BAD_OPTIONS)
+def test_out_of_range_options_are_refused_before_any_work(flag, value, allowed,
+                                                          random_checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = cli.main(["annotate", str(tmp_path), "--model", random_checkpoint,
+                     "--output", str(out), flag, value])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith(f"fer-batch annotate: error: {flag} ")
+    assert allowed in err
+    assert not out.exists()
+
+
+def test_every_numeric_option_has_bounds_and_the_defaults_pass():
+    from fer_batch import pipeline
+    import dataclasses
+    numeric = [f for f in dataclasses.fields(AnnotateConfig)
+               if f.type in ("int", "float", int, float)]
+    assert len(numeric) >= 15
+    for f in numeric:
+        assert {"min", "gt", "max"} & set(f.metadata), f"--{f.name} has no bounds"
+    pipeline.check_config(AnnotateConfig())
+    with pytest.raises(pipeline.ConfigError, match=r"--sample-fps nan must be a finite"):
+        pipeline.check_config(AnnotateConfig(sample_fps=math.nan))
