@@ -24,12 +24,14 @@ EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: the run left nothing visible
 
 DESCRIPTION = """\
 Find faces in image and video archives and label each face with a facial expression
-(ResNet-50 trained on CK+48), on Ray: locally in-process, or on a cluster.
+(ResNet-50 on 48x48 Haar crops, after the paper's method), on Ray: locally in-process, or
+on a cluster. Without --model, the shipped model labels faces (FER2013, 7 expressions with
+neutral; MODEL.md).
 
-  fer-batch train DATA --output DIR          fine-tune on a labeled folder -> DIR/model.pt
-  fer-batch annotate SOURCE... --model DIR/model.pt --output OUT
-  fer-batch evaluate DATA --model CKPT --output DIR
-  fer-batch report OUT                       HTML page of a run's results
+  fer-batch annotate SOURCE... --output OUT   label every face -> OUT/faces, OUT/files
+  fer-batch report OUT                        HTML page of a run's results
+  fer-batch evaluate DATA [--model CKPT]      metrics on a labeled folder
+  fer-batch train DATA... --pretrained default --output DIR   fine-tune -> DIR/model.pt
 """
 
 
@@ -67,17 +69,24 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls) -> None:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fer-batch", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true", help="also show Ray's own log "
+                        "messages and workers' output on the console (they always go to "
+                        "Ray's log files, /tmp/ray/session_latest/logs)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("annotate", help="label every face in images and videos -> Parquet",
-                       description="Annotate images and videos: one Parquet row per face in "
-                       "OUT/faces, one row per input file in OUT/files (see README).")
+
+    def command(name: str, help: str, **kw) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], help=help, **kw)
+
+    p = command("annotate", "label every face in images and videos -> Parquet",
+                description="Annotate images and videos: one Parquet row per face in "
+                "OUT/faces, one row per input file in OUT/files (see README).")
     _add_config_flags(p, AnnotateConfig)
-    p = sub.add_parser("train", help="fine-tune ResNet-50 on a labeled folder (Ray Train)",
-                       description="Train on a folder with one subfolder per class; writes "
-                       "model.pt, metrics.json and plots to --output.")
+    p = command("train", "train or fine-tune ResNet-50 on labeled folders (Ray Train)",
+                description="Train on folders with one subfolder per class; writes "
+                "model.pt, metrics.json and plots to --output.")
     _add_config_flags(p, TrainConfig)
-    p = sub.add_parser("evaluate", help="metrics and confusion matrix of a model on a "
-                       "labeled folder")
+    p = command("evaluate", "metrics and confusion matrix of a model on a labeled folder")
     p.add_argument("data", help="labeled folder (one subfolder per class)")
     p.add_argument("--model", default="default", help="checkpoint (model.pt, local or "
                    "s3://; default: the model shipped with fer-batch, see MODEL.md)")
@@ -89,11 +98,11 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-margin", type=float, default=None, help="margin around the Haar "
                    "box with --detect-faces, as a fraction of its side (default: the "
                    "checkpoint's, as annotate uses)")
-    p = sub.add_parser("report", help="self-contained HTML report of an output folder")
+    p = command("report", "self-contained HTML report of an output folder")
     p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
     p.add_argument("--html", default=None, help="where to write the page "
                    "(default: OUT/report/index.html)")
-    p = sub.add_parser("compact", help="merge the committed runs of an output folder into one")
+    p = command("compact", "merge the committed runs of an output folder into one")
     p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
     return parser
 
@@ -106,17 +115,21 @@ def config_from_args(cls, args: argparse.Namespace):
     return cls(**kw)
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None, verbose: bool = False) -> None:
     """Join the cluster of a `ray job submit` job (RAY_ADDRESS) or --address; else start an
-    in-process local Ray. Library code never calls ray.init."""
+    in-process local Ray. Library code never calls ray.init. Workers' output and Ray's
+    internal messages go to Ray's log files, and to the console only with --verbose."""
     import ray
+
+    from fer_batch.console import quiet_ray
     if ray.is_initialized():
         return
     if address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=verbose)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 configure_logging=True, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, log_to_driver=verbose, configure_logging=True,
+                 logging_level=logging.INFO if verbose else logging.ERROR)
+    quiet_ray(verbose)
 
 
 def _interrupt(signum, frame):
@@ -153,7 +166,7 @@ def check_annotate(cfg: AnnotateConfig) -> None:
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
 
 
-def annotate(cfg: AnnotateConfig) -> int:
+def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     from fer_batch import pipeline, runs, sink, sources
     from fer_batch.model import CheckpointError
     # resolved here so Ray workers on other nodes use the driver's AWS_ENDPOINT_URL(_S3)
@@ -164,7 +177,7 @@ def annotate(cfg: AnnotateConfig) -> int:
             runs.ForeignOutputError, OSError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    init_ray(cfg.address)
+    init_ray(cfg.address, verbose)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
         manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True))
@@ -187,14 +200,14 @@ def annotate(cfg: AnnotateConfig) -> int:
     return 0
 
 
-def train(cfg: TrainConfig) -> int:
+def train(cfg: TrainConfig, verbose: bool = False) -> int:
     from fer_batch import sources, train as train_mod
     try:  # fail fast, before Ray starts: options, data folder, --pretrained weights
         train_mod.check_config(cfg)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"fer-batch train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    init_ray(cfg.address)
+    init_ray(cfg.address, verbose)
     if sources.is_s3(cfg.output):  # train into a local folder, then upload the outputs
         import pyarrow.fs as pafs
         with tempfile.TemporaryDirectory(prefix="fer-train-") as tmp:
@@ -232,9 +245,9 @@ def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     t0 = time.perf_counter()
     if args.command == "annotate":
-        code = annotate(config_from_args(AnnotateConfig, args))
+        code = annotate(config_from_args(AnnotateConfig, args), args.verbose)
     elif args.command == "train":
-        code = train(config_from_args(TrainConfig, args))
+        code = train(config_from_args(TrainConfig, args), args.verbose)
     elif args.command in ("evaluate", "report", "compact"):
         code = _small_command(args)
     else:

@@ -11,10 +11,12 @@ predict (GPU or CPU actors) -> Parquet (staging) -> commit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import threading
 import time
 
 import numpy as np
@@ -108,13 +110,20 @@ class AttemptLedger:
 
     def __init__(self):
         self.counts: dict[str, int] = {}
+        self.done = [0, 0, 0]  # files, frames, faces
 
     def begin(self, uri: str) -> int:
         self.counts[uri] = self.counts.get(uri, 0) + 1
         return self.counts[uri]
 
-    def finish(self, uri: str) -> None:
+    def finish(self, uri: str, frames: int = 0, faces: int = 0) -> None:
         self.counts.pop(uri, None)
+        self.done = [a + b for a, b in zip(self.done, (1, frames, faces))]
+
+    def progress(self) -> list[int]:
+        """[files, frames, faces] finished so far (for the console; a file redone after a
+        worker crash counts again)."""
+        return self.done
 
 
 class AttemptCounter:
@@ -127,8 +136,8 @@ class AttemptCounter:
     def __call__(self, uri: str) -> int:
         return ray.get(self.ledger.begin.remote(uri))
 
-    def finish(self, uri: str) -> None:
-        self.ledger.finish.remote(uri)
+    def finish(self, uri: str, frames: int = 0, faces: int = 0) -> None:
+        self.ledger.finish.remote(uri, frames, faces)
 
 
 class NameSafeCropper(FaceCropper):
@@ -265,7 +274,35 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                 batch_size=cfg.batch_size, min_score=cfg.min_score,
                 endpoint_url=cfg.endpoint_url, num_threads=0 if use_gpu else 1))
     )
-    ds.write_datasink(StagingSink(cfg.output, run_id, classes, cfg.endpoint_url))
+    with show_progress(ledger, len(todo)):
+        ds.write_datasink(StagingSink(cfg.output, run_id, classes, cfg.endpoint_url))
+
+
+@contextlib.contextmanager
+def show_progress(ledger, total: int, interval_s: float = 1.0):
+    """While the body runs, a thread shows files done of total, frames and faces found (from
+    the ledger the croppers report to) as a progress bar with ETA."""
+    from fer_batch.console import progress_bar
+    done = threading.Event()
+
+    def loop():
+        bar = progress_bar(total, "annotate", "file")
+        while not done.wait(interval_s):
+            try:
+                files, frames, faces = ray.get(ledger.progress.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a slow or lost ledger must not stop the run
+                continue
+            bar.update(min(files, total) - bar.n)
+            bar.set_postfix_str(f"frames {frames}, faces {faces}")
+        bar.close()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=15)
 
 
 def _count(out: runs.Output, run_id: str) -> dict:

@@ -253,12 +253,15 @@ class FaceCropper:
         entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
         held = []  # output of images, yielded as one batch per call (fewer, larger blocks)
         for entry in entries:
-            if entry["media_type"] == "image":
-                held.extend(self.process(entry))
-            else:  # videos stream out every FRAMES_PER_YIELD frames: memory stays bounded
-                yield from self.process(entry)
-            if self.attempts is not None:
-                self.attempts.finish(entry["uri"])
+            out = None
+            for out in self.process(entry):  # the last batch holds the file row
+                if entry["media_type"] == "image":
+                    held.append(out)
+                else:  # videos stream out every FRAMES_PER_YIELD frames: bounded memory
+                    yield out
+            if self.attempts is not None:  # file row: frame_index = frames, face_index = faces
+                self.attempts.finish(entry["uri"], frames=int(out["frame_index"][-1]),
+                                     faces=int(out["face_index"][-1]))
         if held:
             yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}
 

@@ -35,6 +35,7 @@ from fer_batch.config import TrainConfig
 
 FACE_SIZE = preprocess.FACE_SIZE  # model input side, pixels
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
+PROGRESS_STEPS = 10  # rank 0 reports its step to the driver's progress bar this often
 # --augment: random translation (pixels), rotation (degrees), scale, brightness/contrast
 SHIFT_PX, ROTATE_DEG, SCALE_RANGE = 4, 10, (0.9, 1.1)
 BRIGHTNESS, CONTRAST = 20, (0.8, 1.2)  # additive (grey levels) and multiplicative jitter
@@ -191,6 +192,14 @@ def train_loop_per_worker(config: dict) -> None:
     weight = torch.tensor(weight, device=device) if weight is not None else None
     bf16 = use_bf16(cfg.precision, device.type)
     start, history = 0, []
+    progress = config.get("progress")  # a ray.util.queue.Queue the driver shows, or None
+
+    def say(kind: str, payload) -> None:  # rank 0's progress for the driver's console
+        if progress is not None:
+            progress.put_nowait((kind, payload))
+        elif kind != "step":
+            print(payload if kind == "note" else epoch_line(payload, cfg.epochs), flush=True)
+
     checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
     if checkpoint is None and cfg.resume_from:  # a run whose driver died (same data, seed)
         checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
@@ -201,10 +210,10 @@ def train_loop_per_worker(config: dict) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"], state["history"]
         if rank == 0:
-            print(f"resuming from epoch {start}", flush=True)
+            say("note", f"resuming after epoch {start}")
     if rank == 0:
-        print(f"worker 0: {torch.get_num_threads()} threads, "
-              f"{'bf16 autocast' if bf16 else 'fp32'} on {device}", flush=True)
+        say("note", f"{world} worker(s), {torch.get_num_threads()} torch thread(s) each, "
+                    f"{'bf16 autocast' if bf16 else 'fp32'} on {device}")
     model = ray.train.torch.prepare_model(net)
     x_tr, y_tr = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
     x_te, y_te = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
@@ -243,6 +252,8 @@ def train_loop_per_worker(config: dict) -> None:
             optimizer.step()
             loss_sum += loss.item() * len(idx)
             correct += (logits.argmax(1) == yb).sum().item()
+            if rank == 0 and (s + 1) % PROGRESS_STEPS == 0:
+                say("step", dict(epoch=epoch + 1, step=s + 1, steps=steps))
         tr_loss, tr_correct, tr_n = reduce(loss_sum, correct, len(order))
         net.eval()  # the unwrapped module: no DDP collectives, shards may differ in size
         te_loss = te_correct = 0.0
@@ -261,17 +272,49 @@ def train_loop_per_worker(config: dict) -> None:
                    lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         history.append(row)
         if rank == 0:
-            test = (f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%"
-                    if te_n else "no test split")
-            print(f"epoch {epoch + 1}/{cfg.epochs}  train loss {row['train_loss']:.4f} acc "
-                  f"{100 * row['train_acc']:.2f}%  {test}  lr {row['lr']:.2e}  "
-                  f"{row['seconds']:.1f} s", flush=True)
+            say("epoch", row)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch + 1, "history": history}, os.path.join(d, "state.pt"))
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(row)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    """The one console line of a finished epoch."""
+    test = (f"test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%"
+            if row.get("test_acc") is not None else "no test split")
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc "
+            f"{100 * row['train_acc']:.2f}%  {test}  lr {row['lr']:.2e}  {row['seconds']:.1f} s")
+
+
+def show_progress(queue, epochs: int, done) -> None:
+    """Driver thread: rank 0's messages from `queue` as one progress bar per epoch and one
+    line per finished epoch, until `done` (a threading.Event) is set and the queue is empty."""
+    from queue import Empty
+
+    from fer_batch.console import progress_bar
+    bar = None
+    while True:
+        try:
+            kind, payload = queue.get(timeout=0.5)
+        except Empty:
+            if done.is_set():
+                break
+            continue
+        if kind == "step":
+            if bar is None:
+                bar = progress_bar(payload["steps"], f"epoch {payload['epoch']}/{epochs}",
+                                   "step")
+            bar.update(payload["step"] - bar.n)
+            continue
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(payload if kind == "note" else epoch_line(payload, epochs), flush=True)
+    if bar is not None:
+        bar.close()
 
 
 def cpu_threads(workers: int, cluster_cpus: float, node_cpus: float) -> int:
@@ -313,12 +356,24 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
                                         y_test=y_test)),
                   init_ref=ray.put(init_state) if init_state is not None else None,
                   class_weight=None if class_weight is None else class_weight.tolist())
+    import threading
+
+    from ray.util.queue import Queue
+    config["progress"] = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+    shower = threading.Thread(target=show_progress, args=(config["progress"], cfg.epochs, done),
+                              daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
         run_config=RunConfig(storage_path=storage, name=name,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    result = trainer.fit()
+    shower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        shower.join(timeout=5)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
     if not sources.is_s3(storage):  # the run succeeded: model.pt replaces the ~300 MB state
