@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fer_batch import decode, preprocess, sources  # noqa: E402
-from fer_batch.infer import label_faces, predict  # noqa: E402
+from fer_batch.infer import predict  # noqa: E402
+from fer_batch.sink import top_labels  # noqa: E402
 from fer_batch.model import load_checkpoint  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def main(argv=None):
             label = ""
             if not a.no_infer:
                 probs = predict(model, x, batch_size=1)
-                label = label_faces(probs, meta["classes"])[0][0]
+                label = top_labels(probs, meta["classes"])[0][0]
                 clock.lap("infer")
             rows.append(dict(source=uri, frame_index=index, timestamp_s=ts, face_index=k,
                              x=int(box[0]), y=int(box[1]), w=int(box[2]), h=int(box[3]),

@@ -39,6 +39,10 @@ class AnnotateConfig:
                             "into the same output (same uri, size and mtime/ETag).", "input")
     break_lock: bool = opt(False, "Take over OUT/_lock left by a run that died on another "
                            "machine (a dead run on this machine is detected by itself).", "input")
+    follow_symlinks: bool = opt(False, "Follow symlinks that lead out of a SOURCE folder "
+                                "(off: each such link is a skipped row, so a link to / or to "
+                                "another user's files does not widen what a run reads). "
+                                "Links within the folder are always followed.", "input")
     limit: int = opt(0, "Process only the first N listed files (0 = all); for smoke tests.",
                      "input", min=0)
     endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores (MinIO, Ceph). "
@@ -178,3 +182,8 @@ class TrainConfig:
     resume_from: Optional[str] = opt(None, "Resume from a Ray Train checkpoint folder "
                                      "(state.pt) left by an interrupted run.", "cluster")
 
+
+# The defaults as values, for stage constructors and functions called outside the CLI (tests,
+# notebooks): `FaceCropper()` behaves like `fer-batch annotate` without flags.
+ANNOTATE_DEFAULTS = AnnotateConfig()
+TRAIN_DEFAULTS = TrainConfig()

@@ -25,7 +25,9 @@ import av.logging
 import cv2
 import numpy as np
 
-MAX_PIXELS = 120_000_000  # default frame/image pixel limit: a 12000x10000 scan passes
+from fer_batch.config import ANNOTATE_DEFAULTS
+
+MAX_PIXELS = ANNOTATE_DEFAULTS.max_pixels  # frame/image pixel limit: a 12000x10000 scan passes
 MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is given up
 DECODE_THREADS = 2  # FFmpeg threads per video: each holds a frame in flight (memory), and Ray
 #                     already runs one actor per core
@@ -345,7 +347,7 @@ def _sniff(file) -> bytes:
     return head
 
 
-def iter_frames(file, *, sample_fps: float = 2.0, every_n: int = 0,
+def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every_n: int = 0,
                 max_pixels: int = MAX_PIXELS, stats: VideoStats | None = None
                 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Stream sampled frames of a video, one at a time (never the whole video in memory).

@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 HEADLINE = ("accuracy", "macro_precision", "macro_recall", "macro_f1")  # the paper's Table II
-PREDICT_BATCH = 256  # faces per forward pass when scoring; a few hundred MB on a CPU
+from fer_batch.config import ANNOTATE_DEFAULTS  # noqa: E402
+
+PREDICT_BATCH = ANNOTATE_DEFAULTS.batch_size  # faces per forward pass when scoring
 
 
 def compute_metrics(y_true: np.ndarray, y_pred: np.ndarray, classes) -> dict:

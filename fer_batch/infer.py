@@ -11,13 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fer_batch.config import ANNOTATE_DEFAULTS
 from fer_batch.model import load_checkpoint
+from fer_batch.sink import top_labels
 
 RESERVED_COLUMNS = frozenset({  # stream and output columns a class name must not shadow
     "kind", "source", "media_type", "frame_index", "timestamp_s", "face_index", "x", "y", "w",
     "h", "face", "status", "error", "size_bytes", "mtime_ns", "label", "score", "model_id",
     "run_id", "crop_png", "track_id"})
-UNCERTAIN = "uncertain"  # label for faces whose top probability is below min_score
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -30,7 +31,7 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
-            batch_size: int = 256) -> np.ndarray:
+            batch_size: int = ANNOTATE_DEFAULTS.batch_size) -> np.ndarray:
     """Class probabilities for prepared faces.
 
     Parameters
@@ -58,21 +59,12 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
     return np.concatenate(out).astype(np.float32)
 
 
-def label_faces(probs: np.ndarray, classes, min_score: float = 0.0):
-    """(labels, scores): the top class per row, or UNCERTAIN below min_score."""
-    top = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-    scores = probs[np.arange(len(probs)), top] if len(probs) else np.zeros(0, np.float32)
-    labels = np.asarray(classes, dtype=object)[top] if len(probs) else np.zeros(0, object)
-    if min_score > 0:
-        labels = np.where(scores < min_score, UNCERTAIN, labels).astype(object)
-    return labels, scores.astype(np.float32)
-
-
 class FacePredictor:
     """Ray actor: adds label, score, model_id and one probability column per class to the
     face rows of a batch; file rows (kind == 'file') pass through with empty predictions."""
 
-    def __init__(self, *, checkpoint: str, device: str = "auto", batch_size: int = 256,
+    def __init__(self, *, checkpoint: str, device: str = ANNOTATE_DEFAULTS.device,
+                 batch_size: int = ANNOTATE_DEFAULTS.batch_size,
                  min_score: float = 0.0, endpoint_url: str | None = None,
                  num_threads: int = 0):
         if num_threads:
@@ -96,7 +88,7 @@ class FacePredictor:
         if is_face.any():
             probs[is_face] = predict(self.model, batch["face"][is_face], self.device,
                                      self.batch_size)
-        labels, scores = label_faces(probs, self.classes, self.min_score)
+        labels, scores = top_labels(probs, self.classes, self.min_score)
         batch["label"] = np.where(is_face, labels, "").astype(object)
         batch["score"] = np.where(is_face, scores, 0).astype(np.float32)
         batch["model_id"] = np.full(n, self.model_id, object)

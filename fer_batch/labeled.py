@@ -87,8 +87,7 @@ def list_many(folders, endpoint_url: str | None = None):
 def annotate_detector():
     """(cascade, detect_faces keyword arguments) with annotate's default settings, so a face
     found here is the box (and so the crop) that ``fer-batch annotate`` finds."""
-    from fer_batch.config import AnnotateConfig
-    d = AnnotateConfig()
+    from fer_batch.config import ANNOTATE_DEFAULTS as d
     verifier = preprocess.load_cascade(preprocess.VERIFY_CASCADE_FILE) if d.verify else None
     return preprocess.load_cascade(), dict(
         scale_factor=d.scale_factor, min_neighbors=d.min_neighbors, min_face=d.min_face,

@@ -26,12 +26,12 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from fer_batch import runs, sink, sources
-from fer_batch.config import AnnotateConfig
+from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
 from fer_batch.preprocess import FaceCropper
 
-IMAGES_PER_UNIT = 32  # default --images-per-task: per-task overhead amortised over many
+IMAGES_PER_UNIT = ANNOTATE_DEFAULTS.images_per_task  # per-task overhead amortised over many
 UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
 
 

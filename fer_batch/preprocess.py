@@ -19,8 +19,8 @@ import cv2
 import numpy as np
 
 from fer_batch import decode, sources
+from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
 
-FACE_SIZE = 48  # CK+48 crops, pixels
 CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
 VERIFY_CASCADE_FILE = "haarcascade_frontalface_alt2.xml"  # second opinion on each candidate
 VERIFY_PAD = 0.25  # context around a candidate box for the verifier, fraction of its side
@@ -64,8 +64,9 @@ def verify_faces(gray: np.ndarray, boxes: np.ndarray, verifier: cv2.CascadeClass
     return boxes[keep]
 
 
-def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *, scale_factor: float = 1.1,
-                 min_neighbors: int = 5, min_face: int = 24, max_side: int = 0,
+def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
+                 scale_factor: float = _D.scale_factor, min_neighbors: int = _D.min_neighbors,
+                 min_face: int = _D.min_face, max_side: int = 0,
                  verifier: cv2.CascadeClassifier | None = None) -> np.ndarray:
     """Haar-cascade faces on the equalized frame.
 
@@ -231,11 +232,14 @@ class FaceCropper:
     """
 
     def __init__(self, *, face_size: int = FACE_SIZE, channels=CHANNELS,
-                 sample_fps: float = 2.0, every_n_frames: int = 0, detect_max_side: int = 0,
-                 scale_factor: float = 1.1, min_neighbors: int = 5, min_face: int = 24,
-                 max_pixels: int = decode.MAX_PIXELS, endpoint_url: str | None = None,
-                 verify: bool = True, attempts=None, max_attempts: int = 3,
-                 crop_margin: float = 0.0):
+                 sample_fps: float = _D.sample_fps, every_n_frames: int = _D.every_n_frames,
+                 detect_max_side: int = _D.detect_max_side, scale_factor: float = _D.scale_factor,
+                 min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
+                 max_pixels: int = _D.max_pixels, endpoint_url: str | None = None,
+                 verify: bool = _D.verify, attempts=None,
+                 max_attempts: int = _D.max_file_retries + 1,
+                 crop_margin: float = TRAIN_DEFAULTS.crop_margin):
+        """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
         self.cascade = load_cascade()
         self.face_size, self.channels = face_size, tuple(channels)

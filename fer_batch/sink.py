@@ -32,7 +32,7 @@ FILE_SCHEMA = pa.schema([
 FACE_KEY = ("source", "frame_index", "face_index")  # unique per run
 FILE_KEY = ("source",)  # unique per run
 STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
-UNCERTAIN = "uncertain"  # = infer.UNCERTAIN, the label below --min-score (infer needs torch)
+UNCERTAIN = "uncertain"  # the label below --min-score (infer and tracks use this one)
 
 
 class ClassNameError(ValueError):
@@ -164,3 +164,15 @@ def write_tables(fs, staging: str, faces: pa.Table, files: pa.Table, name: str |
             fs.create_dir(f"{staging}/{sub}", recursive=True)
             pq.write_table(tbl, f"{staging}/{sub}/part-{name}.parquet", filesystem=fs,
                            compression="zstd")
+
+
+def top_labels(probs: np.ndarray, classes, min_score: float = 0.0):
+    """(labels, scores): the most probable class per row, or UNCERTAIN when its probability
+    is below min_score. probs: shape = (n, k) -> labels (n,) object, scores (n,) float32."""
+    probs = np.asarray(probs)
+    if len(probs) == 0:
+        return np.zeros(0, object), np.zeros(0, np.float32)
+    top = probs.argmax(axis=1)
+    scores = probs[np.arange(len(probs)), top].astype(np.float32)
+    labels = np.asarray(list(classes), dtype=object)[top]
+    return np.where(scores < min_score, UNCERTAIN, labels).astype(object), scores

@@ -27,14 +27,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-IOU_THRESHOLD = 0.3  # SORT's default (Bewley et al. 2016, "Simple Online and Realtime Tracking")
-MAX_GAP_S = 2.0  # seconds a track survives unseen: 3 missed frames at the default 2 fps
-SMOOTH_S = 1.0  # centred moving-average window, seconds: 3 samples at the default 2 fps
+from fer_batch.config import ANNOTATE_DEFAULTS
+from fer_batch.sink import UNCERTAIN, top_labels
+
+IOU_THRESHOLD = ANNOTATE_DEFAULTS.track_iou_threshold  # SORT's 0.3 (Bewley et al. 2016)
+MAX_GAP_S = ANNOTATE_DEFAULTS.track_max_gap_s  # 3 missed frames at the default 2 fps
+SMOOTH_S = ANNOTATE_DEFAULTS.track_smooth_s  # moving-average window: 3 samples at 2 fps
 MAX_CENTER_SHIFT = 0.5  # centroid fallback: centre distance / face side of a match, at most;
 # 1.0 merged different passers-by on the street clip at 2 fps (checked on the crops), 0.5 did not
 MAX_SIZE_RATIO = 1.5  # centroid fallback: larger / smaller face side of a match, at most
 TIME_EPS = 1e-6  # seconds; container timestamps are not exact multiples of 1/fps
-UNCERTAIN = "uncertain"  # = infer.UNCERTAIN (not imported: infer pulls in torch)
 SEGMENT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                    ("label", pa.string())]))
 TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before one float32 mean per class
@@ -149,14 +151,6 @@ def smooth_probs(t: np.ndarray, probs: np.ndarray, window_s: float = SMOOTH_S) -
     return ((cs[hi] - cs[lo]) / (hi - lo)[:, None]).astype(np.float32)
 
 
-def label_probs(probs: np.ndarray, classes, min_score: float = 0.0) -> np.ndarray:
-    """Top class per row, or UNCERTAIN below min_score. probs: (n, k) -> (n,) object."""
-    if len(probs) == 0:
-        return np.zeros(0, object)
-    labels = np.asarray(list(classes), object)[probs.argmax(axis=1)]
-    return np.where(probs.max(axis=1) < min_score, UNCERTAIN, labels).astype(object)
-
-
 def label_segments(t: np.ndarray, labels) -> list[tuple[float, float, str]]:
     """Runs of equal labels as (start_s, end_s, label). A label change falls halfway
     between the two observations around it; the track's first and last times bound it.
@@ -183,7 +177,7 @@ def summarize_track(t, frame, probs, classes, *, smooth_s: float = SMOOTH_S,
     probs: shape = (n, k) float32, raw per-frame class probabilities.
     """
     smoothed = smooth_probs(t, probs, smooth_s)
-    labels = label_probs(smoothed, classes, min_score)
+    labels, _ = top_labels(smoothed, classes, min_score)
     mean = probs.mean(axis=0)
     names, counts = np.unique(labels, return_counts=True)
     rank = {c: float(mean[j]) for j, c in enumerate(classes)}  # breaks ties in frame counts

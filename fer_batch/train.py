@@ -167,6 +167,7 @@ def train_loop_per_worker(config: dict) -> None:
     import torch.nn.functional as F
     from torch.utils.data import DistributedSampler
 
+    from fer_batch import evaluate
     from fer_batch.model import build_model
 
     cfg = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)})
@@ -258,10 +259,11 @@ def train_loop_per_worker(config: dict) -> None:
         net.eval()  # the unwrapped module: no DDP collectives, shards may differ in size
         te_loss = te_correct = 0.0
         with torch.inference_mode():
-            for i in range(rank * 256, len(y_te), world * 256):
+            step = evaluate.PREDICT_BATCH
+            for i in range(rank * step, len(y_te), world * step):
                 with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                    logits = net(x_te[i:i + 256].to(device)).float()
-                yb = y_te[i:i + 256].to(device)
+                    logits = net(x_te[i:i + step].to(device)).float()
+                yb = y_te[i:i + step].to(device)
                 te_loss += F.cross_entropy(logits, yb, reduction="sum").item()
                 te_correct += (logits.argmax(1) == yb).sum().item()
         te_loss, te_correct = reduce(te_loss, te_correct)

@@ -204,9 +204,11 @@ def test_empty_faces_and_clashing_class_names():
         tracks.tracks_schema(("happy", "segments"))
 
 
-def test_uncertain_label_matches_infer():
-    infer = pytest.importorskip("fer_batch.infer")
-    assert tracks.UNCERTAIN == infer.UNCERTAIN
+def test_uncertain_label_has_one_definition():
+    from fer_batch import infer, sink
+    assert tracks.UNCERTAIN is sink.UNCERTAIN
+    labels, scores = infer.top_labels(np.array([[0.2, 0.8], [0.55, 0.45]]), ["a", "b"], 0.6)
+    assert labels.tolist() == ["b", sink.UNCERTAIN] and scores.tolist() == pytest.approx([0.8, 0.55])
 
 
 def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
