@@ -31,6 +31,7 @@ import ray
 import torch
 
 from fer_batch import evaluate, train
+from fer_batch.cli import command_line
 from fer_batch.config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,15 +61,7 @@ def configs(data: str, out: str, seed: int) -> dict:
 def cli_command(cfg: TrainConfig) -> str:
     """The `fer-batch train` command line that trains cfg (flags that differ from defaults)."""
     rel = lambda p: os.path.relpath(p, ROOT) if os.path.isabs(p) else p  # noqa: E731
-    default, parts = TrainConfig(), ["fer-batch train", *map(rel, cfg.data)]
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name == "data" or v == getattr(default, f.name):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        v = rel(v) if f.name == "output" else v
-        parts.append((flag if v else "--no-" + flag[2:]) if isinstance(v, bool) else f"{flag} {v}")
-    return " ".join(parts)
+    return command_line("train", cfg, rel)
 
 
 def save(out: str, name: str, record: dict) -> None:

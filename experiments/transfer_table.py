@@ -31,6 +31,7 @@ import sys
 import time
 
 from fer_batch import evaluate, labeled, model as M
+from fer_batch.cli import command_line
 from fer_batch.config import DEFAULT_MODEL, TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,9 +39,6 @@ SHARED = os.path.join(ROOT, "..", "shared")
 FER_TRAIN, FER_VAL = f"{SHARED}/fer2013/train", f"{SHARED}/fer2013/val"
 CKPLUS, JAFFE = f"{SHARED}/data/ckplus48", f"{SHARED}/data/jaffe"
 FACEAPI = f"{SHARED}/data/photos/faceapi_expr_*.jpg"
-# the FER2013 recipe of the default model (MODEL.md); the paper's recipe is TrainConfig()
-FER_RECIPE = dict(augment=True, optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=64,
-                  epochs=30, schedule="cosine", label_smoothing=0.1, num_workers=1)
 MARGINS = (0.0, 0.1, 0.2)  # crop margins tried on JAFFE (0.1 = measured framing, the default)
 FOLDS = 5
 
@@ -69,11 +67,8 @@ def git_commit() -> str:
 def run_fer2013(out: str, model_dir: str) -> None:
     with open(f"{model_dir}/metrics.json") as f:
         m = json.load(f)
-    cfg = m["train_config"]
-    command = ("fer-batch train " + " ".join(rel(d) for d in cfg["data"])
-               + f" --test-data {rel(cfg['test_data'])} --augment --optimizer adamw --lr 1e-3 "
-               "--weight-decay 0.05 --batch-size 64 --epochs 30 --schedule cosine "
-               f"--label-smoothing 0.1 --num-workers 1 --output {rel(model_dir)}")
+    cfg = dict(m["train_config"], data=tuple(m["train_config"]["data"]))
+    command = command_line("train", TrainConfig(**cfg), rel)
     save(out, "fer2013", dict(command=command, model_dir=rel(model_dir), config=cfg,
                               history=m["history"], metrics=headline(m),
                               wall_seconds=m["wall_seconds"], model_id=m["model_id"]))

@@ -107,6 +107,23 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def command_line(command: str, cfg, rel=lambda p: p) -> str:
+    """The `fer-batch COMMAND ...` line that gives cfg: positionals, then the flags whose
+    values differ from the defaults (the inverse of _add_config_flags). rel maps paths."""
+    default, parts = type(cfg)(), [f"fer-batch {command}"]
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.metadata.get("positional"):
+            parts += [rel(x) for x in (v if isinstance(v, tuple) else (v,))]
+        elif v != getattr(default, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                parts.append(flag if v else "--no-" + flag[2:])
+            else:
+                parts.append(f"{flag} {rel(v) if isinstance(v, str) else v}")
+    return " ".join(parts)
+
+
 def config_from_args(cls, args: argparse.Namespace):
     kw = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     for name in ("sources", "data"):

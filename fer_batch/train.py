@@ -436,6 +436,10 @@ def check_config(cfg: TrainConfig) -> None:
     if not 0 <= cfg.crop_margin <= 1:
         raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
     lr_at(0, 1, cfg.lr, cfg.schedule)
+    if cfg.resume_from and not sources.is_s3(cfg.resume_from) and not os.path.isfile(
+            os.path.join(cfg.resume_from, "state.pt")):
+        raise ValueError(f"--resume-from {cfg.resume_from}: no state.pt there; pass a "
+                         "checkpoint_* folder from OUTPUT/_ray_train/<run>/")
     for folder in cfg.data + ((cfg.test_data,) if cfg.test_data else ()):
         labeled.list_labeled(folder, cfg.endpoint_url)
     pretrained_state(cfg, 2, len(channel_names(cfg)))

@@ -250,3 +250,14 @@ def test_several_folders_train_on_the_union_with_a_held_out_folder(trained, tmp_
     assert metrics["per_class"]["happiness"]["support"] == 3
     split = json.loads((tmp_path / "o" / "split.json").read_text())
     assert len(split["test"]) == 6 and all(p.startswith(str(test)) for p in split["test"])
+
+
+def test_resume_from_a_folder_without_state_fails_fast(tmp_path):
+    import cv2
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        cv2.imwrite(str(tmp_path / cls / "x.png"), np.zeros((48, 48), np.uint8))
+    (tmp_path / "snapshot.json").write_text("{}")
+    for bad in (tmp_path / "snapshot.json", tmp_path / "nothing"):
+        with pytest.raises(ValueError, match="checkpoint_"):
+            train.check_config(TrainConfig(data=(str(tmp_path),), resume_from=str(bad)))
