@@ -186,8 +186,10 @@ def check_annotate(cfg: AnnotateConfig) -> None:
 def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     from fer_batch import pipeline, runs, sink, sources
     from fer_batch.model import CheckpointError
-    # resolved here so Ray workers on other nodes use the driver's AWS_ENDPOINT_URL(_S3)
-    cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url))
+    # the endpoint resolved here so Ray workers on other nodes use the driver's; no signature
+    # of a presigned SOURCE reaches config.json or the run manifest
+    cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url),
+                              sources=tuple(sources.strip_credentials(s) for s in cfg.sources))
     try:  # fail fast, before Ray starts: options, S3, bad model, no source, foreign output
         check_annotate(cfg)
     except (CheckpointError, sources.SourceError, pipeline.ConfigError, sink.ClassNameError,

@@ -125,8 +125,13 @@ def _bmp_size(d: bytes):
     return abs(w), abs(h)  # negative height = top-down rows
 
 
+_TIFF_INTS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8 (BigTIFF)
+
+
 def _tiff_size(d: bytes):
-    """Size of the first page (the one OpenCV decodes)."""
+    """Size of the first page (the one OpenCV decodes). A dimension tag written more than
+    once counts with its largest value: libtiff keeps the first, other readers the last, and
+    the pixel limit must hold for whichever a decoder believes."""
     e = "<" if d[:2] == b"II" else ">"
     big = struct.unpack(e + "H", d[2:4])[0] == 43
     if big:
@@ -140,8 +145,10 @@ def _tiff_size(d: bytes):
         p = at + k * size
         tag, typ = struct.unpack(e + "HH", d[p:p + 4])
         if tag in (256, 257):
+            code = _TIFF_INTS.get(typ, "I")
             v = d[p + 12:p + 20] if big else d[p + 8:p + 12]
-            dims[tag] = struct.unpack(e + ("H" if typ == 3 else "I"), v[:2 if typ == 3 else 4])[0]
+            value = struct.unpack(e + code, v[:struct.calcsize(code)])[0]
+            dims[tag] = max(dims.get(tag, 0), value)
     return (dims[256], dims[257]) if len(dims) == 2 else None
 
 

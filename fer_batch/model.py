@@ -167,7 +167,9 @@ def _plain(obj):
 
 
 def read_checkpoint(data: bytes, name: str = "checkpoint") -> dict:
-    """Parse and validate checkpoint bytes without executing anything in them."""
+    """Parse and validate checkpoint bytes without executing anything in them. Raises
+    CheckpointError (with the file name) for damage, another format, or metadata that
+    check_checkpoint refuses."""
     if not data:
         raise CheckpointError(f"{name}: empty file")
     try:
@@ -182,19 +184,97 @@ def read_checkpoint(data: bytes, name: str = "checkpoint") -> dict:
                               f"{ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt)})")
     if ckpt.get("arch") != ARCH:
         raise CheckpointError(f"{name}: architecture {ckpt.get('arch')!r}, expected {ARCH!r}")
+    check_checkpoint(ckpt, name)
     return ckpt
 
 
+STEMS = ("imagenet", "small")  # FaceNet's conv1 variants (TrainConfig.stem choices)
+INPUT_SIZES = (16, 512)  # face side in pixels a checkpoint may ask for; 48 = CK+48 crops
+MAX_CROP_MARGIN = 2.0  # fraction of the Haar box side; beyond this the crop is mostly background
+
+
+def _bad(name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"{name}: damaged or hand-edited checkpoint: {what}. Write "
+                           "checkpoints with `fer-batch train` (or model.save_checkpoint).")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and bool(np.isfinite(v)))
+
+
+def check_checkpoint(ckpt: dict, name: str = "checkpoint") -> None:
+    """Refuse metadata that would fail later with a KeyError/TypeError or, worse, run with a
+    wrong meaning: missing keys, wrong types, `classes` as a string, duplicate class names, an
+    input size outside INPUT_SIZES, unknown channel or stem names, inconsistent counts. The
+    weights themselves are checked against model_id in model_from_checkpoint."""
+    from fer_batch.preprocess import CHANNEL_NAMES  # local import: cv2 only when needed
+    for key, kind in (("model_args", dict), ("classes", list), ("input", dict),
+                      ("preprocessing", dict), ("state_dict", dict), ("model_id", str)):
+        if key not in ckpt:
+            raise _bad(name, f"no {key!r} entry")
+        if not isinstance(ckpt[key], kind):
+            raise _bad(name, f"{key!r} is a {type(ckpt[key]).__name__}, expected a "
+                             f"{kind.__name__}")
+    for key in ("train_config", "data", "metrics"):
+        if not isinstance(ckpt.get(key, {}), dict):
+            raise _bad(name, f"{key!r} is a {type(ckpt[key]).__name__}, expected a dict")
+    classes = ckpt["classes"]
+    if not classes or not all(isinstance(c, str) and c.strip() for c in classes):
+        raise _bad(name, f"'classes' must be a non-empty list of non-empty names, got "
+                         f"{classes!r:.200}")
+    dupes = sorted({c for c in classes if classes.count(c) > 1})
+    if dupes:
+        raise _bad(name, f"duplicate class names {dupes}")
+    args = ckpt["model_args"]
+    if set(args) != {"num_classes", "in_channels", "stem"}:
+        raise _bad(name, f"'model_args' keys {sorted(args)}, expected num_classes, "
+                         "in_channels, stem")
+    if not _is_int(args["num_classes"]) or args["num_classes"] != len(classes):
+        raise _bad(name, f"{len(classes)} class names for model_args num_classes "
+                         f"{args['num_classes']!r}")
+    if args["stem"] not in STEMS:
+        raise _bad(name, f"unknown stem {args['stem']!r}; known: {', '.join(STEMS)}")
+    spec = ckpt["input"]
+    size, channels = spec.get("size"), spec.get("channels")
+    if not _is_int(size) or not INPUT_SIZES[0] <= size <= INPUT_SIZES[1]:
+        raise _bad(name, f"input size {size!r} is not a whole number of pixels in "
+                         f"{INPUT_SIZES[0]}..{INPUT_SIZES[1]}")
+    if (not isinstance(channels, list) or not channels
+            or any(c not in CHANNEL_NAMES for c in channels) or len(set(channels)) < len(channels)):
+        raise _bad(name, f"input channels {channels!r:.200}; expected distinct names from "
+                         f"{', '.join(CHANNEL_NAMES)}")
+    if not _is_int(args["in_channels"]) or args["in_channels"] != len(channels):
+        raise _bad(name, f"model_args in_channels {args['in_channels']!r} for "
+                         f"{len(channels)} input channel(s) {channels}")
+    margin = ckpt["preprocessing"].get("crop_margin", 0.0)  # older checkpoints: none = 0
+    if not _is_number(margin) or not 0 <= margin <= MAX_CROP_MARGIN:
+        raise _bad(name, f"preprocessing crop_margin {margin!r} outside 0..{MAX_CROP_MARGIN}")
+    state = ckpt["state_dict"]
+    if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                            for k, v in state.items()):
+        raise _bad(name, "'state_dict' must map parameter names to tensors")
+
+
 def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> FaceNet:
+    """FaceNet in eval mode from a checkpoint that read_checkpoint accepted. Raises
+    CheckpointError when the weights do not fit the architecture or are not the weights its
+    model_id names (every output row carries that id)."""
+    check_checkpoint(ckpt, name)  # also for dicts that did not come from read_checkpoint
     model = build_model(**ckpt["model_args"])
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
         raise CheckpointError(f"{name}: weights do not fit {ARCH} with "
                               f"{ckpt['model_args']}: {str(e)[:300]}") from None
-    if len(ckpt["classes"]) != ckpt["model_args"]["num_classes"]:
-        raise CheckpointError(f"{name}: {len(ckpt['classes'])} class names for "
-                              f"{ckpt['model_args']['num_classes']} outputs")
+    actual = weights_id(ckpt["state_dict"])  # of the stored tensors: fp16 files hash as fp16
+    if actual != ckpt["model_id"]:
+        raise _bad(name, f"model_id {ckpt['model_id']!r:.40} does not match its weights "
+                         f"({actual}): weights changed after saving")
     return model.eval()
 
 

@@ -198,7 +198,8 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
             progress(f"recovery: {line}")
         if sources.excluded(cfg.output, sources.exclusion_roots(cfg.sources)):
             progress(f"the output {cfg.output} lies inside a source: its files are not listed")
-        entries = sources.list_files(cfg.sources, cfg.endpoint_url, exclude=(cfg.output,))
+        entries = sources.list_files(cfg.sources, cfg.endpoint_url, exclude=(cfg.output,),
+                                     follow_symlinks=cfg.follow_symlinks)
         if cfg.limit:
             entries = entries[:cfg.limit]
         bad_names = sum(not sources.utf8_name(e["uri"]) for e in entries)

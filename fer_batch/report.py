@@ -6,9 +6,11 @@
       -> a contact sheet of face crops per label       crop_png of the faces table, no media read
       -> the files table's errors
       -> index.html with every PNG embedded as a base64 data URI; the PNGs are also written
-         next to it
+         next to it (never over a file that the report did not write)
 
 Figures are drawn with matplotlib's Agg canvas on ``Figure`` objects (no pyplot state).
+Every name drawn (file, class, label) goes through ``mpl_text``, as every name in the page
+goes through ``html.escape``: matplotlib reads text between two ``$`` as a formula.
 Works on local and s3:// outputs alike (pyarrow filesystems).
 """
 
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
+import pyarrow.fs as pafs
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -35,13 +38,20 @@ CONTACT_PER_LABEL = 12  # crops per label on the contact sheet
 MAX_TABLE_ROWS = 200  # rows of the tracks and errors tables
 DPI = 100  # figure pixels per inch: a 12-inch figure is 1200 px, the page's width
 UNCERTAIN_COLOR = "#9e9e9e"
+PNG_SOFTWARE = "fer-batch report"  # PNG tEXt Software of our figures: they may be replaced
+
+
+class FigureClashError(ValueError):
+    """A figure would replace a file next to the page that the report did not write
+    (a ValueError: the CLI ends it in exit 2 with one line)."""
 
 
 def load(out_uri: str, endpoint_url: str | None = None) -> dict:
-    """The report's data: files, faces (pandas, without crops), tracks, manifests, classes."""
+    """The report's data: files, faces (pandas, without crops), tracks, manifests, classes,
+    all read from one listing of the committed runs."""
     out = runs.Output(out_uri, endpoint_url)
     manifests = out.committed_runs()
-    files = runs.read_files(out_uri, endpoint_url=endpoint_url).to_pandas()
+    files = runs.read_files(out, runs=manifests).to_pandas()
     classes: list[str] = []
     for m in manifests.values():
         classes += [c for c in m.get("classes", []) if c not in classes]
@@ -50,11 +60,10 @@ def load(out_uri: str, endpoint_url: str | None = None) -> dict:
         names = pds.dataset(out.path("faces"), filesystem=out.fs, format="parquet",
                             partitioning="hive").schema.names
         cols = [c for c in names if c != "crop_png"]  # crops: only those shown, later
-        faces = runs.read_faces(out_uri, endpoint_url=endpoint_url, columns=cols,
-                                as_pandas=True)
+        faces = runs.read_faces(out, columns=cols, as_pandas=True, runs=manifests)
         classes = [c for c in classes if c in faces.columns]
         if out.exists(out.path("tracks")):
-            trk = runs.read_tracks(out_uri, endpoint_url=endpoint_url, as_pandas=True)
+            trk = runs.read_tracks(out, as_pandas=True, runs=manifests)
     smooth = [m.get("config", {}).get("track_smooth_s") for m in manifests.values()]
     return dict(out=out, manifests=manifests, files=files, faces=faces, tracks=trk,
                 classes=classes, smooth_s=next((s for s in smooth if s is not None),
@@ -87,8 +96,14 @@ def new_figure(w: float, h: float) -> Figure:
 
 def png_bytes(fig: Figure) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": PNG_SOFTWARE})
     return buf.getvalue()
+
+
+def mpl_text(text) -> str:
+    """text as matplotlib must get it to draw it as written: every $ escaped, so that a file
+    named $\\foo$.jpg is a name, not a formula (that fails to parse and kills the report)."""
+    return str(text).replace("$", r"\$")
 
 
 def short(uri: str, n: int = 48) -> str:
@@ -101,7 +116,8 @@ def plot_distribution(faces: pd.DataFrame, labels, colors) -> Figure:
     counts = faces["label"].value_counts().reindex(labels, fill_value=0)
     fig = new_figure(12, 3.2)
     ax = fig.add_subplot()
-    bars = ax.bar(labels, counts.values, color=[colors[x] for x in labels])
+    bars = ax.bar([mpl_text(x) for x in labels], counts.values,
+                  color=[colors[x] for x in labels])
     ax.bar_label(bars, [f"{v} ({v / max(1, counts.sum()):.0%})" for v in counts.values])
     ax.set_ylabel("faces")
     ax.set_title(f"Label distribution, all sources ({len(faces)} faces)")
@@ -117,9 +133,9 @@ def plot_sources(faces: pd.DataFrame, labels, colors) -> Figure:
     fig = new_figure(12, 1.0 + 0.32 * len(tab))
     ax = fig.add_subplot()
     left = np.zeros(len(tab))
-    ylab = [f"{short(s)}  ({n})" for s, n in zip(tab.index, tab.sum(axis=1))]
+    ylab = [mpl_text(f"{short(s)}  ({n})") for s, n in zip(tab.index, tab.sum(axis=1))]
     for lab in labels:
-        ax.barh(ylab, share[lab].values, left=left, color=colors[lab], label=lab)
+        ax.barh(ylab, share[lab].values, left=left, color=colors[lab], label=mpl_text(lab))
         left += share[lab].values
     ax.invert_yaxis()
     ax.margins(y=0.01)
@@ -144,13 +160,13 @@ def plot_timeline(vf: pd.DataFrame, vt: pd.DataFrame, classes, colors, smooth_s:
                                gridspec_kw=dict(height_ratios=[2.2, 0.3 + 0.32 *
                                                                max(1, len(lanes))]))
     for j, c in enumerate(classes):
-        top.plot(t, smoothed[:, j], color=colors[c], lw=1.8, label=c)
+        top.plot(t, smoothed[:, j], color=colors[c], lw=1.8, label=mpl_text(c))
         top.plot(t, per_frame[c].to_numpy(), "o", color=colors[c], ms=3, alpha=0.6)
     top.set_ylim(0, 1)
     top.set_ylabel("probability")
     if len(vt) > len(lanes):
         title += f" ({len(lanes)} longest shown)"
-    top.set_title(title, loc="left", fontsize=11)
+    top.set_title(mpl_text(title), loc="left", fontsize=11)
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=9, frameon=False)
     span = max(float(t.max() - t.min()) if len(t) else 1.0, 1.0)
     for lane, (_, tr) in enumerate(lanes.iterrows()):
@@ -161,7 +177,8 @@ def plot_timeline(vf: pd.DataFrame, vt: pd.DataFrame, classes, colors, smooth_s:
         seen = vf.loc[vf["track_id"] == tr["track_id"], "timestamp_s"]
         bottom.plot(seen, np.full(len(seen), lane), "|", color="black", ms=6)
     bottom.set_yticks(range(len(lanes)),
-                      [f"track {int(r.track_id)}: {r.dominant_label}" for r in lanes.itertuples()]
+                      [mpl_text(f"track {int(r.track_id)}: {r.dominant_label}")
+                       for r in lanes.itertuples()]
                       if len(lanes) else [])
     bottom.set_ylim(len(lanes) - 0.5 if len(lanes) else 0.5, -0.5)
     pad = span / 40  # a clip with faces in one frame still gets a readable time axis
@@ -224,8 +241,8 @@ def plot_contact_sheet(picked: pd.DataFrame, crops: list[bytes], labels, colors,
         ax.set_yticks([])
         for side in ax.spines.values():
             side.set_visible(False)
-        ax.set_ylabel(f"{lab}\n{totals.get(lab, 0)} faces", rotation=0, ha="right", va="center",
-                      color=colors[lab], fontsize=10, fontweight="bold")
+        ax.set_ylabel(mpl_text(f"{lab}\n{totals.get(lab, 0)} faces"), rotation=0, ha="right",
+                      va="center", color=colors[lab], fontsize=10, fontweight="bold")
     if not rows:
         axes[0].set_axis_off()
         axes[0].text(0.5, 0.5, "no faces", ha="center", va="center")
@@ -274,6 +291,30 @@ th {{ background: #f4f4f4; }} .note {{ color: #666; }} .kpi b {{ font-size: 18px
 """
 
 
+def check_figures_free(fs, folder: str, names) -> None:
+    """Raise FigureClashError (one line naming the files and the fix) when a figure would
+    replace a file that no report wrote: a user's labels.png next to a --html page. Our
+    figures carry PNG_SOFTWARE in their PNG header and are replaced silently."""
+    foreign = []
+    for name in names:
+        path = f"{folder}/{name}"
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            continue
+        try:
+            with fs.open_input_stream(path) as f:
+                head = f.read(4096)  # tEXt chunks come before the image data
+        except OSError:  # a folder or unreadable file of that name: not ours either
+            head = b""
+        if f"Software\x00{PNG_SOFTWARE}".encode() not in head:
+            foreign.append(path)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FigureClashError(
+            f"{shown}: exists and was not written by fer-batch report; the report writes its "
+            "figures next to the page and refuses to replace other files. Pass --html in a "
+            "folder of its own (e.g. DIR/report/index.html) or move those files.")
+
+
 def write_report(out_uri: str, html_path: str | None = None,
                  endpoint_url: str | None = None) -> str:
     """Write the HTML report of an output folder.
@@ -282,7 +323,9 @@ def write_report(out_uri: str, html_path: str | None = None,
     ----------
     out_uri: the OUT folder of ``fer-batch annotate`` (local or s3://).
     html_path: where to write the page (default OUT/report/index.html); the PNG figures
-        are written next to it and embedded in it as data URIs.
+        are written next to it and embedded in it as data URIs. A file next to it with a
+        figure's name that no report wrote is never replaced: FigureClashError, nothing
+        written.
 
     Returns
     -------
@@ -290,6 +333,7 @@ def write_report(out_uri: str, html_path: str | None = None,
     """
     d = load(out_uri, endpoint_url)
     faces, files, trk, classes = d["faces"], d["files"], d["tracks"], d["classes"]
+    chosen = html_path is not None
     html_path = html_path or f"{out_uri.rstrip('/')}/report/index.html"
     fs, path = sources.resolve(html_path, endpoint_url)
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
@@ -376,6 +420,8 @@ def write_report(out_uri: str, html_path: str | None = None,
     page = PAGE.format(title=html.escape(short(out_uri)), out=html.escape(out_uri),
                        now=dt.datetime.now().isoformat(timespec="seconds"),
                        body="\n".join(parts))
+    if chosen:  # OUT/report is ours (older reports' figures carry no PNG_SOFTWARE)
+        check_figures_free(fs, folder, pngs)  # before anything is written
     for name, data in pngs.items():
         with fs.open_output_stream(f"{folder}/{name}") as f:
             f.write(data)

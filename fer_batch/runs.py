@@ -33,6 +33,7 @@ import os
 import re
 import secrets
 import socket
+import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +48,7 @@ RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")  # new_run_id(); noth
 MARKER = "_fer-batch.json"  # written into an output folder when fer-batch first uses it
 MARKER_FORMAT = "fer-batch-output/1"
 TABLES = ("faces", "files", "tracks")
+LOCK_SETTLE_S = 1.0  # S3: wait before reading the lock back; a run racing us has written by then
 IGNORED_NAMES = frozenset({".DS_Store", "Thumbs.db", "lost+found"})  # do not make a folder "used"
 
 
@@ -89,6 +91,8 @@ class Output:
         self.uri = uri.rstrip("/")
         self.fs, self.root = sources.resolve(self.uri, endpoint_url)
         self.root = self.root.rstrip("/")
+        self.lock_owner: str | None = None  # owner_id of OUT/_lock once acquire() took it
+        self.is_local = not sources.is_s3(self.uri)  # local disk: O_EXCL and rename work
 
     def path(self, *parts) -> str:
         return "/".join([self.root, *parts])
@@ -156,33 +160,93 @@ class Output:
 
     # --- lock: refuse concurrent runs into the same OUT
     def acquire(self, run_id: str, break_lock: bool = False) -> None:
+        """Take OUT/_lock for run_id, or raise LockedError naming the run that holds it.
+
+        The lock names its owner (``owner_id``: run id, host, pid); only that owner releases
+        it. Locally the lock is created with O_EXCL, and a stale one (its process is dead, or
+        break_lock) is taken over by renaming it aside first: of two runs that both judge it
+        stale, one rename succeeds and the other run is refused, and no run ever deletes a
+        lock that another has just written. S3 has no exclusive create: the lock is written,
+        read back after LOCK_SETTLE_S and kept only when it still names this run."""
         lock = self.path("_lock")
         self.claim()  # before the lock: a foreign folder is refused before anything is written
-        if self.exists(lock) and not break_lock:
-            held = self.read_json(lock)
-            alive = held.get("host") != socket.gethostname() or _pid_alive(held.get("pid"))
-            if alive:
-                raise LockedError(
-                    f"{self.uri} is in use by run {held.get('run_id')} (host {held.get('host')}, "
-                    f"pid {held.get('pid')}, since {held.get('started')}). Concurrent runs into "
-                    "one output are refused. If that run is dead, delete "
-                    f"{self.uri}/_lock or pass --break-lock.")
-        info = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), started=now_iso())
-        if isinstance(self.fs, pafs.LocalFileSystem) and not break_lock:
-            try:  # O_EXCL: two local runs cannot both take it
-                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, json.dumps(info).encode())
-                os.close(fd)
-                return
+        held = self._read_lock() if self.exists(lock) else None
+        if held is not None and not break_lock and _lock_alive(held):
+            raise self._locked(held)
+        info = dict(run_id=run_id, host=socket.gethostname(), pid=os.getpid(),
+                    started=now_iso())
+        info["owner"] = owner_id(info)
+        if self.is_local:
+            if held is not None:
+                self._move_stale_lock(lock, held)
+            if not _create_exclusive(lock, json.dumps(info).encode()):
+                raise self._locked(self._read_lock())  # another run took it first
+        else:
+            self.write_json(lock, info)
+            time.sleep(LOCK_SETTLE_S)  # a run that wrote just after us has written by now
+            now = self._read_lock()
+            if now.get("owner") != info["owner"]:
+                raise self._locked(now)
+        self.lock_owner = info["owner"]
+
+    def _read_lock(self) -> dict:
+        """The lock's JSON; a lock being written or damaged reads as held by an unknown run."""
+        try:
+            held = self.read_json(self.path("_lock"))
+            return held if isinstance(held, dict) else {}
+        except FileNotFoundError:
+            return {"released": True}
+        except (OSError, ValueError):
+            return {}
+
+    def _move_stale_lock(self, lock: str, stale: dict) -> None:
+        """Rename the stale lock aside (atomic: one of several runs succeeds), check that what
+        was moved is the lock judged stale, and delete it. Raise LockedError when another
+        run took the lock over in between (its lock is put back)."""
+        aside = f"{lock}.stale-{secrets.token_hex(4)}"
+        try:
+            os.rename(lock, aside)
+        except FileNotFoundError:
+            return  # another run moved it: the O_EXCL create decides who gets the lock
+        try:
+            with open(aside, "rb") as f:
+                moved = json.loads(f.read() or b"{}")
+        except (OSError, ValueError):
+            moved = {}
+        if owner_id(moved) != owner_id(stale):  # a live lock, written after we judged
+            try:
+                os.link(aside, lock)  # back in place, unless yet another lock is there
             except FileExistsError:
-                os.remove(lock)  # a stale lock from a dead local process (checked above)
-        self.write_json(lock, info)
+                pass
+            os.remove(aside)
+            raise self._locked(moved)
+        os.remove(aside)
+
+    def _locked(self, held: dict) -> LockedError:
+        if not held:
+            return LockedError(
+                f"{self.uri}/_lock is being written or is damaged (not readable as a lock). "
+                "If no run is using this output, delete it or pass --break-lock.")
+        return LockedError(
+            f"{self.uri} is in use by run {held.get('run_id')} (host {held.get('host')}, "
+            f"pid {held.get('pid')}, since {held.get('started')}). Concurrent runs into "
+            f"one output are refused. If that run is dead, delete {self.uri}/_lock or pass "
+            "--break-lock.")
+
+    def holds_lock(self) -> bool:
+        """True when OUT/_lock still names this Output's owner (taken by ``acquire``)."""
+        return self.lock_owner is not None and self._read_lock().get("owner") == self.lock_owner
 
     def release(self) -> None:
+        """Delete OUT/_lock when this Output took it; a lock that names another owner (a run
+        that broke ours with --break-lock) is left alone."""
+        if not self.holds_lock():
+            return
         try:
             self.fs.delete_file(self.path("_lock"))
         except (FileNotFoundError, OSError):
             pass
+        self.lock_owner = None
 
     # --- runs
     def committed_runs(self) -> dict[str, dict]:
@@ -254,7 +318,15 @@ class Output:
                 f"{self.uri}/_failed/{run_id} and later runs redo its files")
 
     def commit(self, run_id: str, manifest: dict) -> None:
-        """Make a fully staged run visible: READY, move partitions, manifest last."""
+        """Make a fully staged run visible: READY, move partitions, manifest last. Raises
+        LockedError, committing nothing, when this Output took the lock and another run has
+        since taken it over (--break-lock): that run may have discarded our staging."""
+        if self.lock_owner is not None and not self.holds_lock():
+            held = self._read_lock()
+            raise LockedError(f"{self.uri}/_lock was taken over by run {held.get('run_id')} "
+                              f"(host {held.get('host')}, pid {held.get('pid')}) while run "
+                              f"{run_id} was working; nothing of run {run_id} was committed. "
+                              "Run the same command again when that run has finished.")
         stage = self.staging(run_id)
         ready = f"{stage}/READY.json"
         if not self.exists(ready):
@@ -275,6 +347,8 @@ class Output:
         naming where its rows are, so no later run retries the same failing commit."""
         try:
             self.commit(run_id, manifest)
+        except LockedError:  # the output is another run's now: leave it as that run has it
+            raise
         except Exception as e:  # noqa: BLE001 -- any cause: the output must stay usable
             try:
                 line = self.set_aside(run_id, e)
@@ -370,6 +444,36 @@ def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     fs.delete_dir(src)
 
 
+def owner_id(info: dict) -> str:
+    """The lock owner of a lock's JSON: run id, host and pid (older locks carry no owner
+    field; theirs is rebuilt from the same three)."""
+    return info.get("owner") or f"{info.get('run_id')}/{info.get('host')}/{info.get('pid')}"
+
+
+def _lock_alive(held: dict) -> bool:
+    """False only for a lock that is known to be stale: written on this host by a process
+    that no longer exists, or gone. A lock from another host, or one that cannot be read,
+    counts as held (--break-lock takes it over)."""
+    if held.get("released"):
+        return False
+    if not held:
+        return True
+    return held.get("host") != socket.gethostname() or _pid_alive(held.get("pid"))
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    """Create path holding data; False when it exists (O_EXCL: one of several runs wins)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    return True
+
+
 def _pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -380,48 +484,55 @@ def _pid_alive(pid) -> bool:
         return True
 
 
-def _dataset(out: Output, table: str):
-    runs = out.committed_runs()
+def _output(out, endpoint_url) -> Output:
+    return out if isinstance(out, Output) else Output(out, endpoint_url)
+
+
+def _read_committed(out: Output, table: str, runs: dict, columns=None) -> pa.Table | None:
+    """Rows of `table` in the runs of one listing (`runs`), run_id as a string; None when
+    there is no such run or table. A run committed after that listing is not read."""
     d = out.path(table)
     if not runs or not out.exists(d):
-        return None, runs
+        return None
     ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
-    return ds, runs
+    tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
+    return tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
+                          pc.cast(tbl["run_id"], pa.string()))
 
 
-def read_files(out_uri: str, *, latest: bool = True, endpoint_url: str | None = None,
-               as_pandas: bool = False):
+def read_files(out_uri, *, latest: bool = True, endpoint_url: str | None = None,
+               as_pandas: bool = False, runs: dict | None = None):
     """Files rows of committed runs. latest=True keeps, per source, the row of the most
-    recent committed run that processed it (what --incremental compares against)."""
-    out = Output(out_uri, endpoint_url)
-    ds, runs = _dataset(out, "files")
-    if ds is None:
+    recent committed run that processed it (what --incremental compares against).
+
+    out_uri: OUT (local or s3://) or an Output. runs: a committed_runs() listing to read
+    (the report reads every table from one listing); default: list them now, once."""
+    out = _output(out_uri, endpoint_url)
+    runs = out.committed_runs() if runs is None else runs
+    tbl = _read_committed(out, "files", runs)
+    if tbl is None:
         tbl = sink.FILE_SCHEMA.empty_table().append_column("run_id", pa.array([], pa.string()))
-    else:
-        tbl = ds.to_table(filter=pc.field("run_id").isin(list(runs)))
-        tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
-                             pc.cast(tbl["run_id"], pa.string()))
-        if latest and tbl.num_rows:
-            tbl = tbl.sort_by([("source", "ascending"), ("run_id", "descending")])
-            src = tbl["source"].to_pylist()
-            keep = [i for i in range(len(src)) if i == 0 or src[i] != src[i - 1]]
-            tbl = tbl.take(keep)
+    elif latest and tbl.num_rows:
+        tbl = tbl.sort_by([("source", "ascending"), ("run_id", "descending")])
+        src = tbl["source"].to_pylist()
+        keep = [i for i in range(len(src)) if i == 0 or src[i] != src[i - 1]]
+        tbl = tbl.take(keep)
     return tbl.to_pandas() if as_pandas else tbl
 
 
-def _read_latest(out_uri: str, table: str, sort_keys, endpoint_url, as_pandas, columns):
+def _read_latest(out_uri, table: str, sort_keys, endpoint_url, as_pandas, columns,
+                 runs: dict | None):
     """Rows of a committed table, keeping for each source only the run that produced its
-    latest files row."""
-    out = Output(out_uri, endpoint_url)
-    ds, runs = _dataset(out, table)
-    if ds is None:
-        return None if not as_pandas else __import__("pandas").DataFrame()
+    latest files row. Both tables are read from one listing of the committed runs: a commit
+    or compaction landing in between cannot make the two disagree (and rows vanish)."""
+    out = _output(out_uri, endpoint_url)
+    runs = out.committed_runs() if runs is None else runs
     if columns is not None:  # the filter and the sort below need their keys
         columns = list(dict.fromkeys([*columns, *sort_keys, "run_id"]))
-    latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
-    tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
-    tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
-                         pc.cast(tbl["run_id"], pa.string()))
+    tbl = _read_committed(out, table, runs, columns)
+    if tbl is None:
+        return None if not as_pandas else __import__("pandas").DataFrame()
+    latest = read_files(out, runs=runs).select(["source", "run_id"])
     tbl = keep_latest(tbl, latest).sort_by([(k, "ascending") for k in sort_keys])
     return tbl.to_pandas() if as_pandas else tbl
 
@@ -433,19 +544,20 @@ def keep_latest(tbl: pa.Table, latest: pa.Table) -> pa.Table:
     return tbl.filter(pc.is_in(key(tbl), value_set=key(latest)))
 
 
-def read_faces(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
-               columns=None):
+def read_faces(out_uri, *, endpoint_url: str | None = None, as_pandas: bool = False,
+               columns=None, runs: dict | None = None):
     """Face rows of committed runs, keeping for each source only the run that produced its
-    latest files row (a changed file re-annotated tonight replaces last night's faces)."""
+    latest files row (a changed file re-annotated tonight replaces last night's faces).
+    out_uri and runs as in read_files."""
     return _read_latest(out_uri, "faces", ("source", "frame_index", "face_index"),
-                        endpoint_url, as_pandas, columns)
+                        endpoint_url, as_pandas, columns, runs)
 
 
-def read_tracks(out_uri: str, *, endpoint_url: str | None = None, as_pandas: bool = False,
-                columns=None):
+def read_tracks(out_uri, *, endpoint_url: str | None = None, as_pandas: bool = False,
+                columns=None, runs: dict | None = None):
     """Tracks rows (tracks.py) of committed runs, latest run per source, like read_faces."""
     return _read_latest(out_uri, "tracks", ("source", "track_id"), endpoint_url, as_pandas,
-                        columns)
+                        columns, runs)
 
 
 def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
@@ -477,7 +589,7 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
         if len(class_sets) > 1:
             raise ValueError(f"{out.uri}: runs of models with different classes cannot be "
                              "compacted into one table; compact into separate outputs")
-        latest = read_files(out_uri, endpoint_url=endpoint_url).select(["source", "run_id"])
+        latest = read_files(out, runs=old).select(["source", "run_id"])
         stage = out.staging(rid)
         rows = {}
         for table in ("faces", "files", "tracks"):

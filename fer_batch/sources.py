@@ -14,6 +14,7 @@ import functools
 import io
 import os
 import posixpath
+import re
 import stat
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,13 @@ S3_PREFLIGHT_ATTEMPTS = 3  # pre-flight checks: a wrong endpoint fails in ~2 s, 
 S3_READ_MIN = 256 * 1024  # first ranged GET of a stream, bytes: a probe reads little
 S3_READ_MAX = 8 * 1024 * 1024  # sequential GETs double up to this; AWS suggests 8-16 MB ranges
 STAT_THREADS = 16  # parallel HEADs for the entries of a manifest (one request each on S3)
+CREDENTIAL_PARAMS = frozenset({  # query keys that carry a secret (lower case): a URL with any
+    "x-amz-signature", "x-amz-credential", "x-amz-security-token",  # S3 presigned (SigV4)
+    "signature", "awsaccesskeyid",  # S3 presigned (SigV2)
+    "x-goog-signature", "x-goog-credential", "googleaccessid",  # GCS signed URLs
+    "sig",  # Azure SAS
+    "token", "access_token", "security-token", "key", "api_key", "apikey", "auth"})
+URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")  # http://, https://, file://, s3://
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
                    "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SHARED_CREDENTIALS_FILE",
                    "AWS_CONFIG_FILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE")
@@ -35,6 +43,19 @@ CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TO
 
 class SourceError(ValueError):
     """A SOURCE argument that cannot be listed (missing, unreadable, bad bucket)."""
+
+
+def strip_credentials(uri: str) -> str:
+    """uri without its query string when the query carries a credential (a presigned URL:
+    X-Amz-Signature, X-Amz-Credential, Signature, AWSAccessKeyId, token, ...; see
+    CREDENTIAL_PARAMS), so that no secret reaches the source column, a message or the
+    report. Any other uri is returned unchanged (a file may be named 'what?.jpg')."""
+    base, sep, query = uri.partition("?")
+    if not sep:
+        return uri
+    keys = {part.partition("=")[0].strip().lower()
+            for part in re.split(r"[&;]", query.split("#", 1)[0])}
+    return base if keys & CREDENTIAL_PARAMS else uri
 
 
 def media_type(path: str) -> str | None:
@@ -293,6 +314,7 @@ def check_access(uri: str, endpoint_url: str | None = None, *, kind: str = "sour
     times, so a wrong endpoint fails in seconds. Raises SourceError with one line that
     names the URI and the fix (bucket, endpoint, region or credentials on S3).
     """
+    uri = strip_credentials(uri)  # checked (and named in messages) without its secret
     if not is_s3(uri):
         if kind != "output" and not os.path.exists(uri):
             raise SourceError(f"{kind} not found: {uri}")
@@ -345,9 +367,20 @@ def excluded(uri: str, roots) -> bool:
     return any(_under(path, r) for r in roots)
 
 
-def _walk_local(root: str, skip: tuple = ()):
-    """Yield entries under a local folder; symlinks are followed once, loops are reported.
-    Folders under a path of skip (real paths) are not entered."""
+def _outside_link(path: str, tree: str) -> dict:
+    """The skipped entry of a symlink that leaves the source tree (not followed)."""
+    e = _entry(path, None, None)
+    e.update(status="skipped", error=f"symlink to {os.path.realpath(path)}, outside the "
+             "source folder: not followed (--follow-symlinks follows it)")
+    return e
+
+
+def _walk_local(root: str, skip: tuple = (), follow_symlinks: bool = False):
+    """Yield entries under a local folder; symlinks within it are followed once, loops are
+    reported. A symlink that leaves the folder is a skipped entry unless follow_symlinks
+    (a link to / or to another user's files must not widen what a run reads). Folders under
+    a path of skip (real paths) are not entered."""
+    tree = os.path.realpath(root)
     seen_dirs = set()
     stack = [root]
     while stack:
@@ -372,6 +405,11 @@ def _walk_local(root: str, skip: tuple = ()):
                 yield _entry(child.path, None, None, f"cannot stat: {e.strerror or e} "
                              "(broken symlink or vanished file)")
                 continue
+            if (not follow_symlinks and child.is_symlink()
+                    and not _under(os.path.realpath(child.path), tree)):
+                if not (skip and excluded(child.path, skip)):
+                    yield _outside_link(child.path, tree)
+                continue
             if stat.S_ISDIR(st.st_mode):
                 subdirs.append(child.path)
             elif stat.S_ISREG(st.st_mode):
@@ -384,9 +422,10 @@ def _walk_local(root: str, skip: tuple = ()):
         stack.extend(reversed(subdirs))
 
 
-def _walk(fs: pafs.FileSystem, path: str, scheme: str, skip: tuple = ()):
+def _walk(fs: pafs.FileSystem, path: str, scheme: str, skip: tuple = (),
+          follow_symlinks: bool = False):
     if isinstance(fs, pafs.LocalFileSystem):
-        yield from _walk_local(path, skip)
+        yield from _walk_local(path, skip, follow_symlinks)
         return
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     for info in sorted(infos, key=lambda i: i.path):
@@ -421,11 +460,26 @@ def _read_manifest(uri: str, endpoint_url: str | None) -> list[str]:
     paths = [p for p in paths if p and not p.startswith("#")]
     out = []
     for p in paths:
-        if is_s3(p) or os.path.isabs(p):
+        if URL_SCHEME.match(p) or os.path.isabs(p):
             out.append(p)
         else:
             out.append(f"{base}/{p}" if is_s3(base) else os.path.join(base, p))
     return out
+
+
+def _manifest_entry(uri: str, manifest: str, endpoint_url: str | None) -> dict:
+    """The entry of one manifest line: stat'ed when it names a file fer-batch may read,
+    else an error entry that says why. A credential-bearing query string is dropped first
+    (strip_credentials), so the secret is stored nowhere."""
+    uri = strip_credentials(uri)
+    if URL_SCHEME.match(uri) and not is_s3(uri):
+        return _entry(uri, None, None, "a URL: fer-batch reads local paths and s3:// URIs "
+                      "only (list the s3:// URI instead of a presigned or http link)")
+    if is_s3(manifest) and not is_s3(uri):
+        return _entry(uri, None, None, "a local path in an S3 manifest: not read (each "
+                      "worker would read its own disk); list s3:// URIs or keys relative "
+                      "to the manifest")
+    return _stat_one(uri, endpoint_url)
 
 
 def _stat_one(uri: str, endpoint_url: str | None) -> dict:
@@ -439,7 +493,8 @@ def _stat_one(uri: str, endpoint_url: str | None) -> dict:
     return _entry(uri if is_s3(uri) else path, info.size, info.mtime_ns)
 
 
-def list_files(sources, endpoint_url: str | None = None, exclude=()) -> list[dict]:
+def list_files(sources, endpoint_url: str | None = None, exclude=(),
+               follow_symlinks: bool = False) -> list[dict]:
     """Expand SOURCE arguments into one entry per file.
 
     Parameters
@@ -448,6 +503,8 @@ def list_files(sources, endpoint_url: str | None = None, exclude=()) -> list[dic
     endpoint_url: optional S3 endpoint (see ``s3_filesystem``).
     exclude: folders (local or s3://) whose files are left out, whichever SOURCE holds
         them: the run's own output folder when it lies inside a source folder.
+    follow_symlinks: follow symlinks that leave a SOURCE folder (default: each is a
+        skipped entry, the link not read).
 
     Returns
     -------
@@ -459,6 +516,10 @@ def list_files(sources, endpoint_url: str | None = None, exclude=()) -> list[dic
     entries: dict[str, dict] = {}
     skip = exclusion_roots(exclude)
     for src in sources:
+        if URL_SCHEME.match(src) and not is_s3(src):
+            raise SourceError(f"source {strip_credentials(src)} is a URL: fer-batch reads "
+                              "local paths and s3:// URIs only")
+        src = strip_credentials(src)  # a presigned s3:// URI: its object, without the secret
         fs, path = resolve(src, endpoint_url)
         scheme = "s3://" if is_s3(src) else ""
         try:
@@ -466,14 +527,15 @@ def list_files(sources, endpoint_url: str | None = None, exclude=()) -> list[dic
             if info.type == pafs.FileType.NotFound:
                 check_access(src, endpoint_url)  # names a missing bucket; else "not found"
             if info.type == pafs.FileType.Directory:
-                found = list(_walk(fs, path, scheme, skip))  # S3: paginated ListObjectsV2
+                found = list(_walk(fs, path, scheme, skip, follow_symlinks))  # S3: paginated
             elif posixpath.splitext(path.lower())[1] in MANIFEST_EXTS:
                 try:
                     uris = _read_manifest(src, endpoint_url)
                 except UnicodeDecodeError as e:
                     raise SourceError(f"cannot read manifest {src}: {e}") from None
                 with ThreadPoolExecutor(STAT_THREADS) as pool:  # one HEAD per entry on S3
-                    found = list(pool.map(lambda u: _stat_one(u, endpoint_url), uris))
+                    found = list(pool.map(lambda u: _manifest_entry(u, src, endpoint_url),
+                                          uris))
             else:
                 found = [_entry(scheme + path, info.size, info.mtime_ns)]
             if skip and info.type != pafs.FileType.Directory:  # walks skip on their own

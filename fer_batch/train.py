@@ -402,7 +402,9 @@ def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
     if source != "imagenet" and os.path.isfile(source) or sources.is_s3(source):
         try:
             ckpt = read_checkpoint(sources.read_bytes(source, cfg.endpoint_url), source)
-        except CheckpointError:
+        except CheckpointError as e:
+            if "not a fer-batch checkpoint" not in str(e) and "unreadable" not in str(e):
+                raise RuntimeError(f"--pretrained {e}") from None  # ours, but damaged
             ckpt = None  # not ours: a torchvision state_dict, tried below
         if ckpt is not None:
             args = ckpt["model_args"]
