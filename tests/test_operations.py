@@ -207,12 +207,19 @@ def _free_port():
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A real Ray head with its job server on loopback, stopped by process group."""
+    """A real Ray head with its job server on loopback, stopped by process group, started
+    the way a user's is: after a local run has left ~/.ray/auth_token (here in a HOME of its
+    own), so Ray 2.60 turns token authentication on for it."""
     port, dash = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="fer-ray-", dir="/tmp")  # short: Unix socket paths
-    # a throwaway loopback cluster: Ray 2.60's token authentication is opted out of for it
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="disabled")
-    env.pop("RAY_ADDRESS", None)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", HOME=str(home))
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
+                   capture_output=True, timeout=120)
+    assert (home / ".ray" / "auth_token").stat().st_size > 0
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
@@ -250,6 +257,10 @@ def test_ray_job_submit_runs_the_annotate_job(ray_cluster, archive, random_check
     cmd = [str(BIN / "ray"), "job", "submit", "--address", url, "--working-dir", str(REPO),
            "--", "python", "jobs/annotate.py", str(archive), "--model", random_checkpoint,
            "--output", str(out)]
+    # as the README says: the job CLI sends ~/.ray/auth_token only with RAY_AUTH_MODE=token
+    without = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert without.returncode != 0 and "auth" in (without.stdout + without.stderr).lower()
+    env = dict(env, RAY_AUTH_MODE="token")
     for _ in range(30):  # the head answers before its job agent is ready: retry that case only
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
         log = done.stdout + done.stderr
