@@ -189,11 +189,14 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
         print(f"evaluate: class {c!r} ({n} images) is not a model class; left out")
     for c in match["model_only"]:
         print(f"evaluate: model class {c!r} has no images in {data}")
+    from fer_batch.console import progress_bar
+    bar = progress_bar(len(keep), "loading faces", "image")
     faces, ok, skipped = labeled.load_faces([(data, paths[i]) for i in keep], detect_faces,
-                                            endpoint_url, channels, size, margin)
+                                            endpoint_url, channels, size, margin, bar.update)
+    bar.close()
     keep = [i for i, good in zip(keep, ok) if good]
     y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
-    probs = infer.predict(model, faces, batch_size=PREDICT_BATCH)
+    probs = infer.predict(model, faces, batch_size=PREDICT_BATCH, progress=True)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     metrics = compute_metrics(y_true, y_pred, classes)
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),

@@ -13,12 +13,7 @@ import torch
 
 from fer_batch.config import ANNOTATE_DEFAULTS
 from fer_batch.model import load_checkpoint
-from fer_batch.sink import top_labels
-
-RESERVED_COLUMNS = frozenset({  # stream and output columns a class name must not shadow
-    "kind", "source", "media_type", "frame_index", "timestamp_s", "face_index", "x", "y", "w",
-    "h", "face", "status", "error", "size_bytes", "mtime_ns", "label", "score", "model_id",
-    "run_id", "crop_png", "track_id"})
+from fer_batch.sink import check_class_names, top_labels
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -31,19 +26,22 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
-            batch_size: int = ANNOTATE_DEFAULTS.batch_size) -> np.ndarray:
+            batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False) -> np.ndarray:
     """Class probabilities for prepared faces.
 
     Parameters
     ----------
     faces: np.ndarray, shape = (n, C, 48, 48), uint8 (output of preprocess.prepare_faces).
+    progress: show a progress bar of faces scored (evaluate, on the console).
 
     Returns
     -------
     probs: np.ndarray, shape = (n, num_classes), float32, rows sum to 1.
     """
+    from fer_batch.console import progress_bar
     device = device or next(model.parameters()).device
     out = []
+    bar = progress_bar(len(faces), "scoring", "face") if progress else None
     for i in range(0, len(faces), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(faces[i:i + batch_size])).to(device)
         if device.type == "cuda":
@@ -54,6 +52,10 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
         else:
             logits = model(x)
         out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        if bar is not None:
+            bar.update(len(x))
+    if bar is not None:
+        bar.close()
     if not out:
         return np.zeros((0, next(reversed(list(model.modules()))).out_features), np.float32)
     return np.concatenate(out).astype(np.float32)
@@ -74,10 +76,7 @@ class FacePredictor:
         # NHWC convolutions: faster on GPUs, 1.75-1.87x on CPUs at batch 64-256 (BENCHMARKS.md)
         self.model = model.to(self.device).to(memory_format=torch.channels_last)
         self.classes = list(meta["classes"])
-        clash = set(self.classes) & RESERVED_COLUMNS
-        if clash:
-            raise ValueError(f"{checkpoint}: class names {sorted(clash)} clash with output "
-                             "column names; rename those classes and retrain")
+        check_class_names(self.classes, checkpoint)  # no class may be named like a column
         self.model_id = meta["model_id"]
         self.batch_size, self.min_score = batch_size, min_score
 

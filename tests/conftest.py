@@ -15,10 +15,6 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "requires_cuda: needs an NVIDIA GPU")
-
-
 def shared(*parts) -> Path:
     """Path under ../shared/data; skips the test when it is absent."""
     p = SHARED_DATA.joinpath(*parts)
