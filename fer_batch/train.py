@@ -151,23 +151,98 @@ def use_bf16(precision: str, device_type: str) -> bool:
 
 # --- 4. Ray Train ---------------------------------------------------------------------------
 
+def build_optimizer(net, cfg: TrainConfig):
+    """Adam (the paper) or AdamW over the model's parameters, one fused kernel."""
+    import torch
+    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                   fused=True)  # one kernel: 7x faster than the per-tensor loop on a CPU
+
+
+def restore(net, optimizer, resume_from: str | None) -> tuple[int, list]:
+    """Load the last reported epoch into net and optimizer: Ray Train's checkpoint after a
+    worker failure, else --resume-from (a run whose driver died). Returns (epochs done,
+    history); (0, []) for a fresh run."""
+    import ray.train
+    import torch
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and resume_from:
+        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
+    if not checkpoint:
+        return 0, []
+    with checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["epoch"], state["history"]
+
+
+def train_epoch(model, optimizer, x, y, order, *, cfg: TrainConfig, epoch: int, total: int,
+                device, bf16: bool, weight, rng, on_step) -> tuple[float, float]:
+    """One pass over this worker's shard `order` (indices into x, y) in batches of
+    cfg.batch_size, with the scheduled learning rate; on_step(step, steps) after each.
+    Returns (summed loss, correct)."""
+    import torch
+    import torch.nn.functional as F
+    steps = math.ceil(len(order) / cfg.batch_size)
+    model.train()
+    loss_sum = correct = 0.0
+    for s in range(steps):
+        idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+        xb = x[idx]
+        if cfg.augment:
+            xb = torch.from_numpy(augment_faces(xb.numpy(), rng))
+        xb, yb = xb.to(device), y[idx].to(device)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(epoch * steps + s, total, cfg.lr, cfg.schedule)
+        with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb, weight=weight,
+                               label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(1) == yb).sum().item()
+        on_step(s + 1, steps)
+    return loss_sum, correct
+
+
+def score_epoch(net, x, y, *, rank: int, world: int, device) -> tuple[float, float]:
+    """Summed loss and correct count of this worker's share of the test set, in full
+    precision as annotate and evaluate score (the same accuracy). net: the unwrapped
+    module, so no DDP collectives run and shards may differ in size."""
+    import torch
+    import torch.nn.functional as F
+
+    from fer_batch import evaluate
+    net.eval()
+    loss_sum = correct = 0.0
+    step = evaluate.PREDICT_BATCH
+    with torch.inference_mode():
+        for i in range(rank * step, len(y), world * step):
+            logits = net(x[i:i + step].to(device)).float()
+            yb = y[i:i + step].to(device)
+            loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+            correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum, correct
+
+
 def train_loop_per_worker(config: dict) -> None:
     """One Ray Train worker: DDP ResNet-50 on its shard; reports metrics and (rank 0) a
     checkpoint every epoch; resumes from ray.train.get_checkpoint() after a failure.
 
     config: dataclasses.asdict(TrainConfig) + data_ref (ObjectRef of
     {x_train, y_train, x_test, y_test}), init_ref (ObjectRef of a state_dict or None),
-    model_args, threads.
+    model_args, threads, class_weight, progress (a ray.util.queue.Queue or None).
     """
     import ray
     import ray.train
     import ray.train.torch
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.utils.data import DistributedSampler
 
-    from fer_batch import evaluate
     from fer_batch.model import build_model
 
     cfg = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)})
@@ -179,49 +254,15 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    data = {k: np.array(v) for k, v in ray.get(config["data_ref"]).items()}  # writable copies
-    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
-    net = build_model(**config["model_args"])
-    if config.get("init_ref") is not None:
-        net.load_state_dict(ray.get(config["init_ref"]))
-    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs
-    net = net.to(memory_format=torch.channels_last)
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        fused=True)  # one kernel: 7x faster than the loop on a CPU
-    weight = config.get("class_weight")
-    weight = torch.tensor(weight, device=device) if weight is not None else None
-    bf16 = use_bf16(cfg.precision, device.type)
-    start, history = 0, []
-    progress = config.get("progress")  # a ray.util.queue.Queue the driver shows, or None
+    progress = config.get("progress")
 
     def say(kind: str, payload) -> None:  # rank 0's progress for the driver's console
+        if rank != 0:
+            return
         if progress is not None:
             progress.put_nowait((kind, payload))
         elif kind != "step":
             print(payload if kind == "note" else epoch_line(payload, cfg.epochs), flush=True)
-
-    checkpoint = ray.train.get_checkpoint()  # set when Ray restarts workers after a failure
-    if checkpoint is None and cfg.resume_from:  # a run whose driver died (same data, seed)
-        checkpoint = ray.train.Checkpoint.from_directory(cfg.resume_from)
-    if checkpoint:  # continue where the last report left off
-        with checkpoint.as_directory() as d:
-            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], state["history"]
-        if rank == 0:
-            say("note", f"resuming after epoch {start}")
-    if rank == 0:
-        say("note", f"{world} worker(s), {torch.get_num_threads()} torch thread(s) each, "
-                    f"{'bf16 autocast' if bf16 else 'fp32'} on {device}")
-    model = ray.train.torch.prepare_model(net)
-    x_tr, y_tr = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
-    x_te, y_te = torch.from_numpy(data["x_test"]), torch.from_numpy(data["y_test"])
-    sampler = DistributedSampler(range(len(y_tr)), num_replicas=world, rank=rank, shuffle=True,
-                                 seed=cfg.seed)
-    steps = math.ceil(len(sampler) / cfg.batch_size)
-    total = steps * cfg.epochs
 
     def reduce(*values):  # sums over workers
         t = torch.tensor(values, dtype=torch.float64)
@@ -229,52 +270,51 @@ def train_loop_per_worker(config: dict) -> None:
             dist.all_reduce(t)
         return t.tolist()
 
+    data = {k: torch.from_numpy(np.array(v))  # writable copies
+            for k, v in ray.get(config["data_ref"]).items()}
+    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
+    net = build_model(**config["model_args"])
+    if config.get("init_ref") is not None:
+        net.load_state_dict(ray.get(config["init_ref"]))
+    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs
+    net = net.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, cfg)
+    start, history = restore(net, optimizer, cfg.resume_from)
+    if start:
+        say("note", f"resuming after epoch {start}")
+    weight = config.get("class_weight")
+    weight = torch.tensor(weight, device=device) if weight is not None else None
+    bf16 = use_bf16(cfg.precision, device.type)
+    say("note", f"{world} worker(s), {torch.get_num_threads()} torch thread(s) each, "
+                f"{'bf16 autocast' if bf16 else 'fp32'} on {device}")
+    model = ray.train.torch.prepare_model(net)
+    sampler = DistributedSampler(range(len(data["y_train"])), num_replicas=world, rank=rank,
+                                 shuffle=True, seed=cfg.seed)
+    total = math.ceil(len(sampler) / cfg.batch_size) * cfg.epochs
     for epoch in range(start, cfg.epochs):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         order = np.array(list(sampler))
-        rng = np.random.default_rng([cfg.seed, rank, epoch])
-        model.train()
-        loss_sum = correct = 0.0
-        for s in range(steps):
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            xb = x_tr[idx]
-            if cfg.augment:
-                xb = torch.from_numpy(augment_faces(xb.numpy(), rng))
-            xb, yb = xb.to(device), y_tr[idx].to(device)
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(epoch * steps + s, total, cfg.lr, cfg.schedule)
-            with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
-                logits = model(xb)
-            loss = F.cross_entropy(logits.float(), yb, weight=weight,
-                                   label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(1) == yb).sum().item()
-            if rank == 0 and (s + 1) % PROGRESS_STEPS == 0:
-                say("step", dict(epoch=epoch + 1, step=s + 1, steps=steps))
-        tr_loss, tr_correct, tr_n = reduce(loss_sum, correct, len(order))
-        net.eval()  # the unwrapped module: no DDP collectives, shards may differ in size
-        te_loss = te_correct = 0.0
-        with torch.inference_mode():
-            step = evaluate.PREDICT_BATCH
-            for i in range(rank * step, len(y_te), world * step):
-                # full precision, as annotate and evaluate score: the same accuracy
-                logits = net(x_te[i:i + step].to(device)).float()
-                yb = y_te[i:i + step].to(device)
-                te_loss += F.cross_entropy(logits, yb, reduction="sum").item()
-                te_correct += (logits.argmax(1) == yb).sum().item()
-        te_loss, te_correct = reduce(te_loss, te_correct)
-        te_n = len(y_te)
+
+        def on_step(step: int, steps: int) -> None:
+            if step % PROGRESS_STEPS == 0:
+                say("step", dict(epoch=epoch + 1, step=step, steps=steps))
+
+        tr_loss, tr_correct = train_epoch(
+            model, optimizer, data["x_train"], data["y_train"], order, cfg=cfg, epoch=epoch,
+            total=total, device=device, bf16=bf16, weight=weight,
+            rng=np.random.default_rng([cfg.seed, rank, epoch]), on_step=on_step)
+        tr_loss, tr_correct, tr_n = reduce(tr_loss, tr_correct, len(order))
+        te_loss, te_correct = reduce(*score_epoch(net, data["x_test"], data["y_test"],
+                                                 rank=rank, world=world, device=device))
+        te_n = len(data["y_test"])
         row = dict(epoch=epoch + 1, train_loss=tr_loss / tr_n, train_acc=tr_correct / tr_n,
-                   test_loss=te_loss / max(1, te_n) if te_n else None,
+                   test_loss=te_loss / te_n if te_n else None,
                    test_acc=te_correct / te_n if te_n else None,
                    lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         history.append(row)
+        say("epoch", row)
         if rank == 0:
-            say("epoch", row)
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                             "epoch": epoch + 1, "history": history}, os.path.join(d, "state.pt"))
