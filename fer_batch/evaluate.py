@@ -74,6 +74,19 @@ def format_metrics(m: dict) -> str:
             f"recall {100 * m['macro_recall']:.2f}%  F1 {100 * m['macro_f1']:.2f}%  (n={m['n']})")
 
 
+def format_confusion(cm, classes) -> str:
+    """The confusion matrix as text (rows = true class, columns = predicted), for the
+    console."""
+    cm = np.asarray(cm)
+    short = [c[:7] for c in classes]
+    width = max(7, len(str(cm.max())) if cm.size else 1)
+    lines = ["confusion matrix (rows: true, columns: predicted)",
+             " " * 12 + " ".join(f"{c:>{width}}" for c in short)]
+    for name, row in zip(classes, cm):
+        lines.append(f"{name[:11]:<12}" + " ".join(f"{v:>{width}}" for v in row))
+    return "\n".join(lines)
+
+
 def plot_confusion(cm, classes, path: str, title: str = "Confusion matrix") -> None:
     """Write the confusion matrix (rows = true class) as a PNG, counts and row percentages."""
     cm = np.asarray(cm)
@@ -203,6 +216,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
                    excluded_classes=excluded, missing_classes=match["model_only"],
                    skipped=skipped, detect_faces=detect_faces, crop_margin=margin)
     print(f"evaluate {data}: {format_metrics(metrics)}")
+    print(format_confusion(metrics["confusion_matrix"], classes))
     if output:
         write_report(output, metrics, title=os.path.basename(os.path.normpath(data)))
     return metrics

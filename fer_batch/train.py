@@ -489,33 +489,28 @@ def check_config(cfg: TrainConfig) -> None:
 
 def _load(cfg: TrainConfig, items, labels, classes, channels):
     """Faces of labeled items -> (faces, y int64, items kept, skipped), with a progress bar."""
-    from tqdm import tqdm
-    with tqdm(total=len(items), desc="loading faces", unit="img", mininterval=2,
-              disable=len(items) < 2000) as bar:
-        faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
-                                                channels, FACE_SIZE, cfg.crop_margin, bar.update)
+    from fer_batch.console import progress_bar
+    bar = progress_bar(len(items), "loading faces", "image")
+    faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
+                                            channels, FACE_SIZE, cfg.crop_margin, bar.update)
+    bar.close()
     for s in skipped:
         print(f"skipping unreadable image {s['path']}: {s['error']}", flush=True)
     y = np.array([classes.index(lab) for lab, good in zip(labels, ok) if good], np.int64)
     return faces, y, [it for it, good in zip(items, ok) if good], skipped
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Train on cfg.data and write the outputs to cfg.output (see module docstring).
+def prepare_data(cfg: TrainConfig, channels) -> dict:
+    """The training folders (and --test-data) as arrays, with the splits to train.
 
-    Returns the metrics dict written to metrics.json: test metrics of the single split, or
-    with --folds K the mean/std over folds (``cv``) plus each fold's metrics (``folds``).
+    Returns dict: faces (n, C, 48, 48) uint8, y (n,) int64, classes, names (one per image,
+    for split.json), skipped, groups (subject ids or None), splits [(train_idx, test_idx)],
+    n_images (listed, before unreadable ones were dropped).
     """
-    from fer_batch import evaluate, infer
-    from fer_batch.model import build_model, save_checkpoint
-    t_start = time.perf_counter()
-    check_config(cfg)
-    channels = channel_names(cfg)
     items, labels, classes = labeled.list_many(cfg.data, cfg.endpoint_url)
     faces, y, paths, skipped = _load(cfg, items, labels, classes, channels)
-    need_groups = cfg.split == "subject" or cfg.folds
     groups = None
-    if need_groups:  # subject ids per folder; a subject never spans two folders
+    if cfg.split == "subject" or cfg.folds:  # per folder: a subject never spans two folders
         groups = np.concatenate([
             np.array([f"{folder}:{g}" for g in labeled.read_subjects(
                 folder, [p for f, p in paths if f == folder], cfg.subject_column,
@@ -533,62 +528,69 @@ def fit(cfg: TrainConfig) -> dict:
         faces, y = np.concatenate([faces, t_faces]), np.concatenate([y, t_y])
         paths, skipped = paths + t_paths, skipped + t_skipped
         splits = [(np.arange(n), np.arange(n, len(y)))]
+    elif cfg.folds:
+        splits = fold_indices(y, groups, cfg.folds, cfg.seed)
     else:
-        splits = (fold_indices(y, groups, cfg.folds, cfg.seed) if cfg.folds
-                  else [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)])
+        splits = [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)]
+    names = [p if len(cfg.data) == 1 and f == cfg.data[0] else f"{f}/{p}" for f, p in paths]
+    return dict(faces=faces, y=y, classes=classes, names=names, skipped=skipped,
+                groups=groups, splits=splits, n_images=len(labels))
+
+
+def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_state,
+                run_name: str, t_start: float) -> dict:
+    """Train on data[tr], score data[te] the way annotate scores, write model.pt,
+    metrics.json, split.json and the plots into the split's folder. Returns its metrics."""
+    from fer_batch import evaluate, infer
+    from fer_batch.model import build_model, save_checkpoint
+    faces, y, classes, groups = data["faces"], data["y"], data["classes"], data["groups"]
+    out = os.path.join(cfg.output, f"fold{k}") if cfg.folds else cfg.output
+    os.makedirs(out, exist_ok=True)
     model_args = dict(num_classes=len(classes), in_channels=len(channels), stem=cfg.stem)
-    init_state = pretrained_state(cfg, len(classes), len(channels))
-    data_summary = dict(data=list(cfg.data), test_data=cfg.test_data, classes=classes,
-                        n_images=len(labels), n_used=len(y),
-                        per_class={c: int((y == i).sum()) for i, c in enumerate(classes)},
-                        skipped=skipped, subjects=len(set(groups)) if need_groups else None)
-    print(f"{', '.join(cfg.data)}: {len(y)} images in {len(classes)} classes "
-          f"({', '.join(classes)}), {len(skipped)} skipped; "
-          f"{len(splits)} training run(s)", flush=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    runs = []
-    for k, (tr, te) in enumerate(splits):
-        out = os.path.join(cfg.output, f"fold{k}") if cfg.folds else cfg.output
-        os.makedirs(out, exist_ok=True)
-        t0 = time.perf_counter()
-        state, history = run_trainer(cfg, faces[tr], y[tr], faces[te], y[te], model_args,
-                                     f"fer-train-{stamp}" + (f"-fold{k}" if cfg.folds else ""),
-                                     init_state, class_weights(y[tr], len(classes),
-                                                               cfg.class_weight))
-        net = build_model(**model_args)
-        net.load_state_dict(state)
-        pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH).argmax(1)
-        m = evaluate.compute_metrics(y[te], pred, classes)
-        m.update(split="subject-folds" if cfg.folds else cfg.split, fold=k if cfg.folds else None,
-                 folds=cfg.folds, n_train=len(tr), n_test=len(te), epochs=cfg.epochs,
-                 seed=cfg.seed, history=history, train_seconds=time.perf_counter() - t0,
-                 skipped=skipped, train_config=dataclasses.asdict(cfg))
-        names = [p if len(cfg.data) == 1 and f == cfg.data[0] else f"{f}/{p}" for f, p in paths]
-        split_files = dict(train=[names[i] for i in tr], test=[names[i] for i in te])
-        if need_groups:
-            split_files["test_subjects"] = sorted(set(groups[te]))
-        m["model_id"] = save_checkpoint(
-            os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
-            channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin,
-            train_config=dataclasses.asdict(cfg),
-            data=dict(data_summary, fold=m["fold"]),
-            metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
-        m["wall_seconds"] = time.perf_counter() - t_start
-        evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
-        with open(os.path.join(out, "split.json"), "w") as f:
-            json.dump(split_files, f)
-        print(f"{'fold %d: ' % k if cfg.folds else ''}test {evaluate.format_metrics(m)}",
-              flush=True)
-        runs.append(m)
-    if not cfg.folds:
-        return runs[0]
+    t0 = time.perf_counter()
+    state, history = run_trainer(cfg, faces[tr], y[tr], faces[te], y[te], model_args, run_name,
+                                 init_state, class_weights(y[tr], len(classes),
+                                                           cfg.class_weight))
+    net = build_model(**model_args)
+    net.load_state_dict(state)
+    pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH).argmax(1)
+    m = evaluate.compute_metrics(y[te], pred, classes)
+    m.update(split="subject-folds" if cfg.folds else cfg.split, fold=k if cfg.folds else None,
+             folds=cfg.folds, n_train=len(tr), n_test=len(te), epochs=cfg.epochs,
+             seed=cfg.seed, history=history, train_seconds=time.perf_counter() - t0,
+             skipped=data["skipped"], train_config=dataclasses.asdict(cfg))
+    summary = dict(data=list(cfg.data), test_data=cfg.test_data, classes=classes,
+                   n_images=data["n_images"], n_used=len(y),
+                   per_class={c: int((y == i).sum()) for i, c in enumerate(classes)},
+                   skipped=data["skipped"], fold=m["fold"],
+                   subjects=len(set(groups)) if groups is not None else None)
+    m["model_id"] = save_checkpoint(
+        os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
+        channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin,
+        train_config=dataclasses.asdict(cfg), data=summary,
+        metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
+    m["wall_seconds"] = time.perf_counter() - t_start
+    evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
+    split_files = dict(train=[data["names"][i] for i in tr], test=[data["names"][i] for i in te])
+    if groups is not None:
+        split_files["test_subjects"] = sorted(set(groups[te]))
+    with open(os.path.join(out, "split.json"), "w") as f:
+        json.dump(split_files, f)
+    print(f"{'fold %d: ' % k if cfg.folds else ''}test {evaluate.format_metrics(m)}",
+          flush=True)
+    return m
+
+
+def summarize_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: float) -> dict:
+    """--folds K: mean and std over the folds, the summed confusion matrix (every image is
+    tested once), fold 0's model as OUTPUT/model.pt, OUTPUT/metrics.json."""
+    from fer_batch import evaluate
     summary = dict(cv=evaluate.summarize_folds(runs), folds=runs, classes=classes,
                    split="subject-folds", n_folds=cfg.folds, epochs=cfg.epochs, seed=cfg.seed,
                    skipped=skipped, train_config=dataclasses.asdict(cfg),
                    wall_seconds=time.perf_counter() - t_start)
     for key in evaluate.HEADLINE:  # headline = mean over folds, so callers read one shape
         summary[key] = summary["cv"][key]["mean"]
-    # every image is tested once across the folds: the summed matrix covers the whole folder
     summary["confusion_matrix"] = np.sum([r["confusion_matrix"] for r in runs], axis=0).tolist()
     evaluate.plot_confusion(summary["confusion_matrix"], classes,
                             os.path.join(cfg.output, "confusion_matrix.png"),
@@ -601,3 +603,30 @@ def fit(cfg: TrainConfig) -> dict:
         f"{key} {100 * v['mean']:.2f}±{100 * v['std']:.2f}%" for key, v in summary["cv"].items()),
         flush=True)
     return summary
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train on cfg.data and write the outputs to cfg.output (see module docstring).
+
+    Returns the metrics dict written to metrics.json: test metrics of the single split, or
+    with --folds K the mean/std over folds (``cv``) plus each fold's metrics (``folds``).
+    """
+    from fer_batch import evaluate
+    t_start = time.perf_counter()
+    check_config(cfg)
+    channels = channel_names(cfg)
+    data = prepare_data(cfg, channels)
+    classes = data["classes"]
+    init_state = pretrained_state(cfg, len(classes), len(channels))
+    print(f"{', '.join(cfg.data)}: {len(data['y'])} images in {len(classes)} classes "
+          f"({', '.join(classes)}), {len(data['skipped'])} skipped; "
+          f"{len(data['splits'])} training run(s)", flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    runs = [train_split(cfg, data, k, tr, te, channels=channels, init_state=init_state,
+                        run_name=f"fer-train-{stamp}" + (f"-fold{k}" if cfg.folds else ""),
+                        t_start=t_start)
+            for k, (tr, te) in enumerate(data["splits"])]
+    if not cfg.folds:
+        print(evaluate.format_confusion(runs[0]["confusion_matrix"], classes), flush=True)
+        return runs[0]
+    return summarize_folds(cfg, runs, classes, data["skipped"], t_start)
