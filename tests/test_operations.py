@@ -39,10 +39,19 @@ def archive(tmp_path_factory):
     return root
 
 
-def add_second_night(root):
+@pytest.fixture(scope="module")
+def second_night(tmp_path_factory):
+    """Night two's new files, encoded once: every archive gets the same bytes (the test
+    compares outputs, and an encoder need not give identical bytes twice)."""
+    root = tmp_path_factory.mktemp("night2")
     for i in range(2):
         make_clip(root / f"night2_{i}.mp4", 30 + 5 * i)
     (root / "night2_bad.jpg").write_bytes(b"<html>502 Bad Gateway</html>")
+    return root
+
+
+def add_second_night(root, second_night):
+    shutil.copytree(second_night, root, dirs_exist_ok=True)
 
 
 def faces_view(out):
@@ -56,10 +65,10 @@ def annotate_cmd(src, model, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def full_archive(tmp_path_factory, archive):
+def full_archive(tmp_path_factory, archive, second_night):
     root = tmp_path_factory.mktemp("full")
     shutil.copytree(archive, root, dirs_exist_ok=True)
-    add_second_night(root)
+    add_second_night(root, second_night)
     return root
 
 
@@ -72,14 +81,14 @@ def clean_run(ray_local, full_archive, random_checkpoint, tmp_path_factory):
 
 
 def test_incremental_processes_only_new_files_and_equals_one_run(
-        ray_local, archive, clean_run, random_checkpoint, tmp_path):
+        ray_local, archive, second_night, clean_run, random_checkpoint, tmp_path):
     src = tmp_path / "archive"
     shutil.copytree(archive, src)
     out = tmp_path / "out"
     args = ["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
             "--all-frames", "--incremental"]
     assert cli.main(args) == 0
-    add_second_night(src)
+    add_second_night(src, second_night)
     assert cli.main(args) == 0
     manifests = runs.Output(str(out)).committed_runs()
     assert len(manifests) == 2
@@ -182,15 +191,15 @@ def test_concurrent_run_into_the_same_output_is_refused(random_checkpoint, tmp_p
         out.release()
 
 
-def test_compact_merges_runs_into_the_same_view(ray_local, archive, random_checkpoint,
-                                                tmp_path):
+def test_compact_merges_runs_into_the_same_view(ray_local, archive, second_night,
+                                                random_checkpoint, tmp_path):
     src = tmp_path / "archive"
     shutil.copytree(archive, src)
     out = tmp_path / "out"
     args = ["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
             "--incremental"]
     assert cli.main(args) == 0
-    add_second_night(src)
+    add_second_night(src, second_night)
     assert cli.main(args) == 0
     before, files_before = faces_view(out), fer_batch.read_files(str(out), as_pandas=True)
     assert cli.main(["compact", str(out)]) == 0
