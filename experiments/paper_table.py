@@ -189,11 +189,11 @@ def render(out: str) -> str:
     return "\n".join(lines)
 
 
-def splice(path: str, block: str) -> None:
-    """Replace the BEGIN..END block of path (append it when the markers are missing)."""
+def splice(path: str, block: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the begin..end block of path (append it when the markers are missing)."""
     text = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    if begin in text and end in text:
+        text = text[:text.index(begin)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     with open(path, "w") as f:

@@ -33,6 +33,7 @@ import time
 from fer_batch import evaluate, labeled, model as M
 from fer_batch.cli import command_line
 from fer_batch.config import DEFAULT_MODEL, TrainConfig
+from paper_table import splice  # experiments/ is the script's folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
@@ -215,17 +216,6 @@ def render(out: str) -> str:
     return "\n".join(lines)
 
 
-def splice(path: str, block: str) -> None:
-    text = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in text and END in text:
-        text = text[:text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-    print(f"wrote {path}")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", default="fer2013,ship,fer2013_val,jaffe,faceapi")
@@ -260,7 +250,7 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown run {name!r}")
     block = render(args.out)
     for path in args.results:
-        splice(path, block)
+        splice(path, block, BEGIN, END)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,23 @@ SERVER_MAIN = (  # moto_server, exiting when its stdin closes: it dies with the 
     "main()\n")
 
 
+def set_test_user(mp, moto: "MotoS3", endpoint: str, home) -> None:
+    """The test user's AWS settings on a pytest MonkeyPatch: moto's keys, the endpoint, no
+    real ~/.aws (files under home, absent), no instance metadata service."""
+    from fer_batch import sources
+    for k in (*sources.CREDENTIAL_VARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+              "AWS_DEFAULT_REGION", "AWS_REGION"):
+        mp.delenv(k, raising=False)
+    mp.setenv("AWS_ACCESS_KEY_ID", moto.access_key)
+    mp.setenv("AWS_SECRET_ACCESS_KEY", moto.secret_key)
+    mp.setenv("AWS_REGION", "us-east-1")
+    mp.setenv("AWS_ENDPOINT_URL", endpoint)
+    mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nothing may try 169.254.169.254
+    mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))  # absent
+    mp.setenv("AWS_CONFIG_FILE", str(home / "config"))  # absent
+    mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

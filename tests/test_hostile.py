@@ -492,23 +492,11 @@ def test_a_stale_local_lock_is_taken_over_atomically(tmp_path):
 @pytest.fixture(scope="module")
 def s3_bucket(tmp_path_factory):
     """A bucket on a moto S3 server, with the test user's AWS settings in the environment."""
-    from s3_server import MotoS3
-    from fer_batch import sources
+    from s3_server import MotoS3, set_test_user
     moto = MotoS3()
-    home = tmp_path_factory.mktemp("aws")
     try:
         with pytest.MonkeyPatch.context() as mp:
-            for k in (*sources.CREDENTIAL_VARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                      "AWS_DEFAULT_REGION", "AWS_REGION"):
-                mp.delenv(k, raising=False)
-            mp.setenv("AWS_ACCESS_KEY_ID", moto.access_key)
-            mp.setenv("AWS_SECRET_ACCESS_KEY", moto.secret_key)
-            mp.setenv("AWS_REGION", "us-east-1")
-            mp.setenv("AWS_ENDPOINT_URL", moto.endpoint)
-            mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
-            mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))
-            mp.setenv("AWS_CONFIG_FILE", str(home / "config"))
-            mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+            set_test_user(mp, moto, moto.endpoint, tmp_path_factory.mktemp("aws"))
             client = moto.client()
             client.create_bucket(Bucket="hostile")
             yield client

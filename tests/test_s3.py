@@ -32,7 +32,7 @@ from conftest import encode_video, face_image, shared
 from fer_batch import cli, decode, runs, sink, sources
 from fer_batch.model import EMOTIONS
 from fer_batch.preprocess import FaceCropper
-from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port
+from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port, set_test_user
 
 IN, OUT, MODELS = "fer-archive", "fer-results", "fer-models"  # buckets
 MANY = 1_050  # objects under one prefix: > 1,000, the most one ListObjectsV2 page returns
@@ -60,19 +60,8 @@ def server():
 def s3_env(server, tmp_path_factory):
     """AWS settings of the test user, pointing at the proxy; no real ~/.aws, no IMDS."""
     moto, proxy = server
-    home = tmp_path_factory.mktemp("aws")
     with pytest.MonkeyPatch.context() as mp:
-        for k in (*sources.CREDENTIAL_VARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                  "AWS_DEFAULT_REGION", "AWS_REGION"):
-            mp.delenv(k, raising=False)
-        mp.setenv("AWS_ACCESS_KEY_ID", moto.access_key)
-        mp.setenv("AWS_SECRET_ACCESS_KEY", moto.secret_key)
-        mp.setenv("AWS_REGION", "us-east-1")
-        mp.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        mp.setenv("AWS_EC2_METADATA_DISABLED", "true")  # nothing may try 169.254.169.254
-        mp.setenv("AWS_SHARED_CREDENTIALS_FILE", str(home / "credentials"))  # absent
-        mp.setenv("AWS_CONFIG_FILE", str(home / "config"))  # absent
-        mp.setenv("NO_PROXY", "127.0.0.1,localhost")
+        set_test_user(mp, moto, proxy.endpoint, tmp_path_factory.mktemp("aws"))
         yield moto, proxy
 
 
