@@ -105,7 +105,11 @@ def test_incremental_processes_only_new_files_and_equals_one_run(
     clean["source"] = clean["source"].map(lambda s: "/" + s.rsplit("/", 1)[1])
     night["source"] = night["source"].map(lambda s: "/" + s.rsplit("/", 1)[1])
     assert len(night) > 0
-    assert night.equals(clean.sort_values(FACE_COLS[:3]).reset_index(drop=True))
+    clean = clean.sort_values(FACE_COLS[:3]).reset_index(drop=True)
+    # the same faces, boxes and labels; scores to float tolerance (the faces reach the
+    # model in other batches, and a CPU convolution's rounding depends on the batch)
+    assert night[FACE_COLS[:-1]].equals(clean[FACE_COLS[:-1]])
+    np.testing.assert_allclose(night["score"], clean["score"], atol=1e-4)
     # a third night with nothing new processes nothing
     assert cli.main(args) == 0
     third = list(runs.Output(str(out)).committed_runs().values())[2]
