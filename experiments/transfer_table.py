@@ -13,6 +13,7 @@ Runs (select with --runs; each writes OUT/<name>/run.json):
                  largest face vs the expression in the file name
   ck_transfer    CK+48, the paper's protocol (random 80/20, Adam 1e-4, batch 8, 8 epochs)
                  fine-tuned from the default model (--pretrained default) = `make run`
+  make_run       record instead the metrics.json that `make run` wrote (--make-run-dir)
   ck_scratch     the same from random weights (the paper's "without transfer learning")
   ck_folds       CK+48 5-fold subject-disjoint, fine-tuned from the default model
 
@@ -135,6 +136,14 @@ def run_train(out: str, name: str, cfg: TrainConfig, command: str) -> None:
                          history=m.get("history"), wall_seconds=m["wall_seconds"]))
 
 
+def run_record(out: str, name: str, metrics_path: str, command: str) -> None:
+    """run.json from a metrics.json that a training already wrote."""
+    with open(metrics_path) as f:
+        m = json.load(f)
+    save(out, name, dict(command=command, config=m.get("train_config"), metrics=headline(m),
+                         history=m.get("history"), wall_seconds=m.get("wall_seconds")))
+
+
 def ck_configs(out: str) -> dict:
     base = dict(data=(CKPLUS,), use_gpu="no")
     return {
@@ -223,6 +232,8 @@ def main(argv=None) -> None:
     p.add_argument("--model-dir", default=os.path.join(ROOT, "runs", "fer2013"),
                    help="output folder of the FER2013 training")
     p.add_argument("--crop-margin", type=float, default=TrainConfig().crop_margin)
+    p.add_argument("--make-run-dir", default=os.path.join(ROOT, "runs", "main", "model"),
+                   help="the model folder `make run` wrote (for --runs make_run)")
     p.add_argument("--results", nargs="+", default=[os.path.join(ROOT, "RESULTS.md"),
                                                     os.path.join(ROOT, "MODEL.md")])
     args = p.parse_args(argv)
@@ -239,6 +250,10 @@ def main(argv=None) -> None:
             run_jaffe(args.out)
         elif name == "faceapi":
             run_faceapi(args.out)
+        elif name == "make_run":
+            run_record(args.out, "ck_transfer", f"{args.make_run_dir}/metrics.json",
+                       "make run  (= fer-batch train ../shared/data/ckplus48 --pretrained "
+                       "default)")
         elif name in ck_configs(args.out):
             if not ray_started:
                 import ray
