@@ -1,18 +1,23 @@
-"""fit(cfg): labeled folder -> model.pt, metrics.json and plots, trained with Ray Train.
+"""fit(cfg): labeled folders -> model.pt, metrics.json and plots, trained with Ray Train.
 
 Data flow, top to bottom:
 
-1. ``list_labeled``: class = first subfolder under DATA (sorted names = logit order).
-2. ``load_faces``: decode_image (+ largest_face with --detect-faces) + prepare_faces,
-   the same pixels ``annotate`` feeds the model. Unreadable images are skipped and listed.
-3. ``read_subjects`` / ``split_indices`` / ``fold_indices``: random stratified split (the
-   paper), subject-disjoint split, or K folds by subject. Pure numpy + sklearn.
-4. ``run_trainer``: the arrays go to the object store once; ``train_loop_per_worker``
-   shards them with a DistributedSampler (no Ray Data: a labeled folder of 48x48 faces is a
-   few MB). Every epoch it reports metrics and a checkpoint; after a worker failure Ray
-   restarts the workers (FailureConfig(max_failures=2)) and they resume from it.
-5. The driver scores the test split with ``infer.predict`` (the annotate code path) and
-   writes model.pt, metrics.json, split.json, confusion_matrix.png, training_curves.png.
+1. ``prepare_data``: ``labeled.list_many`` (class = first subfolder, through the expression
+   vocabulary; several folders train on the union of their classes) and ``labeled.load_faces``
+   (decode + --detect-faces crop + prepare_faces: the pixels annotate feeds the model);
+   unreadable images are skipped and listed. Splits: --test-data (a held-out folder), a
+   random stratified split (the paper), a subject-disjoint split or K folds by subject.
+2. ``pretrained_state``: --pretrained none, imagenet, default (the shipped model) or a
+   model.pt of ours (transfer learning: backbone kept, classifier rebuilt).
+3. ``run_trainer``: the arrays go to the object store once; ``train_loop_per_worker``
+   shards them with a DistributedSampler (no Ray Data: 48x48 faces are a few MB, FER2013's
+   28,709 about 66 MB). Every epoch it reports metrics and a checkpoint; after a worker
+   failure Ray restarts the workers (FailureConfig(max_failures=2)) and they resume from it;
+   --resume-from continues a run whose driver died. Rank 0's progress reaches the driver's
+   console through a Ray queue (``show_progress``).
+4. ``train_split``: the driver scores the test split with ``infer.predict`` (the annotate
+   code path) and writes model.pt, metrics.json, split.json, confusion_matrix.png,
+   training_curves.png; ``summarize_folds`` for --folds.
 
 Every option is a TrainConfig field (the CLI flags are generated from it).
 """
