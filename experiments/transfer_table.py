@@ -110,19 +110,19 @@ def run_jaffe(out: str) -> None:
 
 def run_faceapi(out: str) -> None:
     """The real annotate command over the 7 photos; the largest face's label per photo."""
-    import pyarrow.dataset as pads
+    import fer_batch
     photos = sorted(glob.glob(FACEAPI))
     dst = f"{out}/faceapi/annotations"
     cmd = [os.path.join(os.path.dirname(sys.executable), "fer-batch"), "annotate", *photos,
            "--output", dst]
     subprocess.run(cmd, check=True)
-    faces = pads.dataset(f"{dst}/faces", format="parquet", partitioning="hive").to_table(
-        columns=["source", "label", "box_w", "box_h"]).to_pylist()
+    faces = fer_batch.read_faces(dst, as_pandas=True)[["source", "label", "w", "h"]]
+    faces = faces.to_dict("records")
     rows = []
     for p in photos:
         mine = [f for f in faces if f["source"].endswith(os.path.basename(p))]
         want = labeled.canonical(os.path.basename(p)[len("faceapi_expr_"):-len(".jpg")])
-        got = max(mine, key=lambda f: f["box_w"] * f["box_h"])["label"] if mine else None
+        got = max(mine, key=lambda f: f["w"] * f["h"])["label"] if mine else None
         rows.append(dict(photo=os.path.basename(p), expected=want, label=got, faces=len(mine)))
     save(out, "faceapi", dict(command="fer-batch annotate ../shared/data/photos/faceapi_expr_*.jpg "
                               f"--output {rel(dst)}", photos=rows,
