@@ -140,18 +140,6 @@ class AttemptCounter:
         self.ledger.finish.remote(uri, frames, faces)
 
 
-class NameSafeCropper(FaceCropper):
-    """FaceCropper whose rows carry names Arrow can store: a file name that is not valid
-    UTF-8 is read under its real name and written escaped (sink.safe_text), so it is
-    processed like any other file instead of failing the run when Ray builds a block."""
-
-    def __call__(self, batch: dict):
-        for out in super().__call__(batch):
-            for col in ("source", "error"):
-                out[col] = np.array(sink.safe_texts(out[col]), dtype=object)
-            yield out
-
-
 class StagingSink(Datasink):
     """Ray Data sink: splits each block into faces and files tables, writes both as Parquet
     into the run's staging folder. Nothing here is visible to readers until commit."""
@@ -252,7 +240,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task
         .map_batches(
-            NameSafeCropper, batch_size=1, batch_format="numpy", num_cpus=1,
+            FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
             # start as many actors as the CPUs present now (not 1, then scale up: each actor
             # start costs seconds of imports); grow to crop_actors as nodes join
             compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(items)),

@@ -18,7 +18,7 @@ import time
 import cv2
 import numpy as np
 
-from fer_batch import decode, sources
+from fer_batch import decode, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
@@ -253,7 +253,14 @@ class FaceCropper:
 
     def __call__(self, batch: dict):
         """batch["files"]: JSON lists of file entries, one unit of work each
-        (pipeline.work_units)."""
+        (pipeline.work_units). Rows carry names Arrow can store: a file name that is not
+        valid UTF-8 was read under its real name and is written escaped (sink.safe_text)."""
+        for out in self._process_units(batch):
+            for col in ("source", "error"):
+                out[col] = np.array(sink.safe_texts(out[col]), dtype=object)
+            yield out
+
+    def _process_units(self, batch: dict):
         entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
         held = []  # output of images, yielded as one batch per call (fewer, larger blocks)
         for entry in entries:
