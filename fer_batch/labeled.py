@@ -84,16 +84,6 @@ def list_many(folders, endpoint_url: str | None = None):
     return items, labels, sorted(set(labels))
 
 
-def annotate_detector():
-    """(cascade, detect_faces keyword arguments) with annotate's default settings, so a face
-    found here is the box (and so the crop) that ``fer-batch annotate`` finds."""
-    from fer_batch.config import ANNOTATE_DEFAULTS as d
-    verifier = preprocess.load_cascade(preprocess.VERIFY_CASCADE_FILE) if d.verify else None
-    return preprocess.load_cascade(), dict(
-        scale_factor=d.scale_factor, min_neighbors=d.min_neighbors, min_face=d.min_face,
-        max_side=d.detect_max_side, verifier=verifier)
-
-
 def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = None,
                channels=preprocess.CHANNELS, size: int = preprocess.FACE_SIZE,
                crop_margin: float = 0.0, progress=None):
@@ -107,7 +97,7 @@ def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = Non
     Returns (faces np.ndarray shape = (n_ok, C, size, size) uint8, ok bool mask over items,
     skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
     """
-    detector = annotate_detector() if detect_faces else None
+    detector = preprocess.load_detector() if detect_faces else None
     crops, ok, skipped = [], [], []
     for folder, rel in items:
         try:

@@ -180,7 +180,7 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
 
     out = runs.Output(cfg.output, cfg.endpoint_url)
     run_id = runs.new_run_id()
-    out.acquire(run_id, break_lock=getattr(cfg, "break_lock", False))  # refuses foreign folders
+    out.acquire(run_id, break_lock=cfg.break_lock)  # refuses foreign folders
     try:
         for line in out.recover():
             progress(f"recovery: {line}")

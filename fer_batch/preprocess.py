@@ -41,6 +41,16 @@ def load_cascade(name: str = CASCADE_FILE) -> cv2.CascadeClassifier:
     return cascade
 
 
+def load_detector(*, scale_factor: float = _D.scale_factor,
+                  min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
+                  detect_max_side: int = _D.detect_max_side, verify: bool = _D.verify):
+    """(cascade, detect_faces keyword arguments) for annotate's detection settings (the
+    CLI's by default): FaceCropper and training's --detect-faces find the same boxes."""
+    verifier = load_cascade(VERIFY_CASCADE_FILE) if verify else None
+    return load_cascade(), dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
+                                min_face=min_face, max_side=detect_max_side, verifier=verifier)
+
+
 def equalize(gray: np.ndarray) -> np.ndarray:
     """Histogram equalization. gray: shape = (h, w), uint8 -> same."""
     return cv2.equalizeHist(gray)
@@ -241,13 +251,12 @@ class FaceCropper:
                  crop_margin: float = TRAIN_DEFAULTS.crop_margin):
         """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
-        self.cascade = load_cascade()
+        self.cascade, self.detect_kw = load_detector(
+            scale_factor=scale_factor, min_neighbors=min_neighbors, min_face=min_face,
+            detect_max_side=detect_max_side, verify=verify)
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
-        self.detect_kw = dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
-                              min_face=min_face, max_side=detect_max_side,
-                              verifier=load_cascade(VERIFY_CASCADE_FILE) if verify else None)
         self.max_pixels, self.endpoint_url = max_pixels, endpoint_url
         self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
 
