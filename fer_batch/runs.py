@@ -35,6 +35,7 @@ import secrets
 import socket
 import time
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
@@ -402,28 +403,37 @@ class Output:
                 self.fs.delete_dir(tracked)
 
     def dedup_staged(self, run_id: str) -> int:
-        """Drop rows written twice by retried Ray tasks (same key). Returns rows dropped."""
+        """Drop rows written twice by retried Ray tasks (same key). Returns rows dropped.
+        Memory: the key columns of the table, and one staged file at a time."""
         dropped = 0
         for table, key in (("faces", sink.FACE_KEY), ("files", sink.FILE_KEY)):
             d = f"{self.staging(run_id)}/{table}"
             if not self.exists(d):
                 continue
             ds = pds.dataset(d, filesystem=self.fs, format="parquet")
-            keys = ds.to_table(columns=list(key))
+            frags = list(ds.get_fragments())
+            keys = pa.concat_tables([f.to_table(columns=list(key)) for f in frags])
             if keys.num_rows == 0:
                 continue
-            uniq = keys.group_by(list(key)).aggregate([]).num_rows
-            if uniq == keys.num_rows:
+            keys = keys.append_column("_i", pa.array(np.arange(keys.num_rows)))
+            first = keys.group_by(list(key)).aggregate([("_i", "min")])["_i_min"]
+            if len(first) == keys.num_rows:
                 continue
-            tbl = ds.to_table()
-            tbl = tbl.append_column("_i", pa.array(range(tbl.num_rows)))
-            first = tbl.group_by(list(key)).aggregate([("_i", "min")])["_i_min"]
-            deduped = tbl.filter(pc.is_in(tbl["_i"], first)).drop_columns(["_i"])
-            dropped += tbl.num_rows - deduped.num_rows
-            for info in ds.files:
-                self.fs.delete_file(info)
-            pq.write_table(deduped, f"{d}/part-dedup.parquet", filesystem=self.fs,
-                           compression="zstd")
+            keep = np.zeros(keys.num_rows, bool)
+            keep[first.to_numpy()] = True
+            start = 0
+            for i, frag in enumerate(frags):
+                part = frag.to_table()
+                mask = keep[start:start + part.num_rows]
+                start += part.num_rows
+                if mask.all():
+                    continue
+                dropped += int((~mask).sum())
+                if mask.any():  # the kept rows first, then the old file goes
+                    pq.write_table(part.filter(pa.array(mask)),
+                                   f"{d}/part-dedup-{i:06d}.parquet", filesystem=self.fs,
+                                   compression="zstd")
+                self.fs.delete_file(frag.path)
         return dropped
 
 
@@ -571,6 +581,29 @@ def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple
     return idx
 
 
+def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str) -> int:
+    """Stream the rows of run_id in ds whose (source, run_id) is in latest into one Parquet
+    file at dest, batch by batch (memory: one record batch, whatever the table's size).
+    Returns the rows written (0: no file)."""
+    writer, n = None, 0
+    for batch in ds.to_batches(filter=pc.field("run_id") == run_id, batch_size=8192):
+        part = pa.Table.from_batches([batch])
+        part = part.set_column(part.schema.get_field_index("run_id"), "run_id",
+                               pc.cast(part["run_id"], pa.string()))
+        part = keep_latest(part, latest)  # a join cannot carry segments
+        part = part.select([c for c in part.column_names if c != "run_id"])
+        if part.num_rows == 0:
+            continue
+        if writer is None:
+            out.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+            writer = pq.ParquetWriter(dest, part.schema, filesystem=out.fs, compression="zstd")
+        writer.write_table(part)
+        n += part.num_rows
+    if writer is not None:
+        writer.close()
+    return n
+
+
 def compact(out_uri: str, endpoint_url: str | None = None) -> str:
     """Merge every committed run of OUT into one new run holding, per source, the rows of its
     latest run (what read_faces/read_files return). The new run commits before the old ones
@@ -598,18 +631,9 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
             ds = pds.dataset(out.path(table), filesystem=out.fs, format="parquet",
                              partitioning="hive")
             for old_id in old:
-                part = ds.to_table(filter=pc.field("run_id") == old_id)
-                if part.num_rows == 0:
-                    continue
-                part = part.set_column(part.schema.get_field_index("run_id"), "run_id",
-                                       pc.cast(part["run_id"], pa.string()))
-                names = [n for n in part.column_names if n != "run_id"]
-                part = keep_latest(part, latest).select(names)  # a join cannot carry segments
-                if part.num_rows:
-                    out.fs.create_dir(f"{stage}/{table}", recursive=True)
-                    pq.write_table(part, f"{stage}/{table}/part-{old_id}.parquet",
-                                   filesystem=out.fs, compression="zstd")
-                    rows[table] = rows.get(table, 0) + part.num_rows
+                n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet")
+                if n:
+                    rows[table] = rows.get(table, 0) + n
         out.write_json(f"{stage}/TRACKED.json", dict(note="compacted rows keep their track_id"))
         last = old[list(old)[-1]]
         manifest = dict(run_id=rid, started=now_iso(), finished=now_iso(), compacted_from=list(old),

@@ -207,13 +207,29 @@ def open_input(uri: str, endpoint_url: str | None = None):
     return RangeReader(f) if is_s3(uri) else f
 
 
-def read_bytes(uri: str, endpoint_url: str | None = None) -> bytes:
+class TooLargeError(ValueError):
+    """A file over the size limit of a whole read (--max-image-bytes)."""
+
+
+def read_bytes(uri: str, endpoint_url: str | None = None, max_bytes: int = 0) -> bytes:
+    """The whole file. max_bytes > 0: refuse a larger one (TooLargeError) before reading it,
+    and read no more than max_bytes + 1 bytes should it have grown since it was listed."""
     fs, path = resolve(uri, endpoint_url)
     if not is_s3(uri) and not utf8_name(path):
-        with open(path, "rb") as f:
-            return f.read()
-    with fs.open_input_file(path) as f:  # one GET of the whole object on S3
-        return f.read()
+        f = open(path, "rb")
+        size = os.fstat(f.fileno()).st_size
+    else:
+        f = fs.open_input_file(path)  # one GET of the whole object on S3
+        size = f.size()
+    with f:
+        if max_bytes and size > max_bytes:
+            raise TooLargeError(f"file is {size:,} bytes, over the limit of {max_bytes:,} "
+                                "(--max-image-bytes): not read")
+        data = f.read(max_bytes + 1) if max_bytes else f.read()
+    if max_bytes and len(data) > max_bytes:
+        raise TooLargeError(f"file grew past the limit of {max_bytes:,} bytes while read "
+                            "(--max-image-bytes): not read")
+    return data
 
 
 # --- pre-flight: one clear message for a wrong bucket, endpoint or credentials

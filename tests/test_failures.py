@@ -12,6 +12,7 @@ SIGKILLs itself on a URI containing that text): no real file crashes today's dec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -33,6 +34,8 @@ from fer_batch.config import AnnotateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CRASH_TAG = "CRASH-ME"  # files whose URI contains this kill their worker (test hook)
+HANG_TAG = "HANG-ME"  # ... hang their worker in C code (the GIL released, as PyAV does)
+HANG_GIL_TAG = "HANG-GIL"  # ... hang it in C code that holds the GIL
 MAX_FILE_RETRIES = 1  # the crashing file is tried 1 + 1 times, then recorded as an error
 FILE_COLUMNS = ["source", "status", "error", "frames_decoded", "faces"]
 FACE_COLUMNS = ["source", "frame_index", "face_index", "x", "y", "w", "h", "label"]
@@ -44,13 +47,16 @@ pytestmark = pytest.mark.skipif(not corpus.has_faces(), reason=f"needs {corpus.F
 def ray_crash_hook():
     """A local Ray whose workers inherit FER_BATCH_TEST_CRASH_ON (set before ray.init)."""
     import ray
-    os.environ["FER_BATCH_TEST_CRASH_ON"] = CRASH_TAG
+    hooks = dict(FER_BATCH_TEST_CRASH_ON=CRASH_TAG, FER_BATCH_TEST_HANG_ON=HANG_TAG,
+                 FER_BATCH_TEST_HANG_GIL_ON=HANG_GIL_TAG)
+    os.environ.update(hooks)
     try:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         yield ray
     finally:
         ray.shutdown()
-        del os.environ["FER_BATCH_TEST_CRASH_ON"]
+        for k in hooks:
+            del os.environ[k]
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +215,30 @@ def test_out_of_memory_in_one_task_fails_that_file_not_the_worker(tmp_path):
         status, error, _ = got[name]
         assert status == "error" and error.startswith("out of memory while processing"), got
     assert got["after.mp4"][0] == "ok" and got["after.mp4"][2] > 0, got
+
+
+def test_hung_files_become_error_rows_and_the_run_commits(ray_crash_hook, random_checkpoint,
+                                                          tmp_path):
+    """A decoder stuck in C code (the test hook sleeps in libc) makes no progress: after
+    --stall-timeout-s the worker ends itself, the file is retried, then recorded as hung.
+    A hang that holds the GIL stops the Python watchdog too: faulthandler's C timer ends the
+    worker. Both become error rows; the good file beside them is annotated."""
+    for name in (f"{HANG_TAG}.mp4", f"{HANG_GIL_TAG}.mp4", "good.mp4"):
+        corpus.write_video(tmp_path / name, corpus.face_frames(4))
+    cfg = dataclasses.replace(_config([tmp_path], random_checkpoint, tmp_path / "out"),
+                              stall_timeout_s=2.0)
+    t0 = time.monotonic()
+    manifest = pipeline.run(cfg, progress=lambda s: None)
+    files, _ = _tables(tmp_path / "out")
+    row = files.set_index("source")
+    hung = row.loc[str(tmp_path / f"{HANG_TAG}.mp4")]
+    assert hung.status == "error"
+    assert hung.error.startswith(f"hung: no progress for 2 s (--stall-timeout-s), "
+                                 f"{MAX_FILE_RETRIES + 1} tries"), hung.error
+    gil = row.loc[str(tmp_path / f"{HANG_GIL_TAG}.mp4")]
+    assert gil.status == "error" and gil.error.startswith(
+        f"worker died {MAX_FILE_RETRIES + 1} times while processing this file"), gil.error
+    good = row.loc[str(tmp_path / "good.mp4")]
+    assert good.status == "ok" and good.faces > 0
+    assert manifest["files_error"] == 2 and manifest["files_ok"] == 1
+    assert time.monotonic() - t0 < 300

@@ -564,3 +564,27 @@ def test_follow_symlinks_end_to_end(ray_local, random_checkpoint, tmp_path):
         text = " ".join([*files.index, *files["error"].fillna("")])
         text += "".join(p.read_bytes().decode("latin-1") for p in out.rglob("*.json"))
         assert not any(s in text for s in SECRETS)
+
+
+def test_an_image_over_max_image_bytes_is_an_error_row_and_is_not_read(tmp_path, monkeypatch):
+    """Images are read whole: one over --max-image-bytes is refused from its size, before a
+    byte is read, and the next file of the same task is processed normally."""
+    import cv2
+    from fer_batch import preprocess, sources
+    big, small = tmp_path / "big.png", tmp_path / "small.png"
+    noise = np.random.default_rng(0).integers(0, 255, (400, 400), np.uint8)
+    big.write_bytes(cv2.imencode(".png", noise)[1].tobytes())
+    small.write_bytes(cv2.imencode(".png", noise[:20, :20])[1].tobytes())
+    limit = small.stat().st_size + 10
+    assert big.stat().st_size > limit
+    cropper = preprocess.FaceCropper(max_image_bytes=limit)
+    rows = {}
+    for p in (big, small):
+        entry = dict(uri=str(p), media_type="image", size_bytes=p.stat().st_size, mtime_ns=0)
+        rows[p.name] = list(cropper.process(entry))[-1]
+    assert rows["big.png"]["status"][0] == "error"
+    assert "over the limit of" in rows["big.png"]["error"][0]
+    assert "--max-image-bytes" in rows["big.png"]["error"][0]
+    assert rows["small.png"]["status"][0] == "ok"
+    with pytest.raises(sources.TooLargeError, match="over the limit"):
+        sources.read_bytes(str(big), max_bytes=limit)
