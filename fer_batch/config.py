@@ -55,6 +55,12 @@ class AnnotateConfig:
     every_n_frames: int = opt(0, "Take every N-th decoded frame instead of --sample-fps "
                               "(1 = every frame).", "video", min=0)
     all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")
+    segment_seconds: float = opt(300.0, "Split videos longer than this many seconds into "
+                                 "segments of about this length, processed in parallel (each "
+                                 "decodes from the keyframe before its start; frame indexes, "
+                                 "timestamps and the one files row per video are those of an "
+                                 "unsplit run). 0 = one task per video. 300 s at 2 fps is 600 "
+                                 "sampled frames per task.", "video", min=0)
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
     detector: str = opt("haar", "Face detector: haar (the paper's Haar cascade, OpenCV) or "

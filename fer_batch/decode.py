@@ -355,8 +355,8 @@ def _sniff(file) -> bytes:
 
 
 def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every_n: int = 0,
-                max_pixels: int = MAX_PIXELS, stats: VideoStats | None = None
-                ) -> Iterator[tuple[int, float, np.ndarray]]:
+                max_pixels: int = MAX_PIXELS, stats: VideoStats | None = None,
+                window=None) -> Iterator[tuple[int, float, np.ndarray]]:
     """Stream sampled frames of a video, one at a time (never the whole video in memory).
 
     Parameters
@@ -372,6 +372,8 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
         stats.error says what happened, so frames decoded around the damage are kept.
         Files that cannot be opened at all, have no video stream or exceed max_pixels
         always raise DecodeError.
+    window: a segments.Window: decode one time segment of the video (seek to its
+        keyframe, yield only its frames, with the indexes and times of the whole video).
 
     Yields
     ------
@@ -404,7 +406,7 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
                                   ) from None
             with container:
                 yield from _decode_stream(container, sample_fps, every_n, max_pixels, stats,
-                                          logs, limit)
+                                          logs, limit, window)
     finally:
         av.logging.set_level(level)
         av.logging.set_skip_repeated(skip)
@@ -412,7 +414,7 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
         raise DecodeError(stats.error)
 
 
-def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit):
+def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit, window):
     if not container.streams.video:
         audio = len(container.streams.audio)
         raise DecodeError(f"no video stream ({'audio only' if audio else 'data only'}: "
@@ -433,6 +435,8 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     step = 1.0 / sample_fps if sample_fps > 0 else 0.0
     next_t, last_t, run, first_bad = 0.0, None, 0, None
     index = -1
+    if window is not None:  # one segment (segments.py): index and sampler at its start
+        index, next_t = window.start(container, stream)
     try:
         for packet in container.demux(stream):
             if len(logs) > 64:  # keep the log of a long, noisy video bounded
@@ -457,11 +461,17 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
                 continue
             run = 0
             for frame in frames:
+                pts = frame.pts if frame.pts is not None else frame.dts
+                if window is not None and window.skip(pts):  # before the segment's keyframe
+                    continue
                 index += 1
                 stats.frames_decoded = index + 1
-                pts = frame.pts if frame.pts is not None else frame.dts
                 t = float((pts - start) * base) if pts is not None else index * step
                 last_t = t
+                if window is not None and not window.holds(t):
+                    if window.ended:
+                        break
+                    continue
                 if every_n:
                     keep = index % every_n == 0
                 else:
@@ -476,6 +486,8 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
                 gray = frame.to_ndarray(format="gray")
                 stats.frames_sampled += 1
                 yield index, round(t, 6), rotate(gray, _rotation(frame))
+            if window is not None and window.ended:
+                break
     except (av.FFmpegError, OSError) as e:  # the container itself broke off
         stats.error = (f"video stream damaged after {stats.frames_decoded} decoded frames: "
                        f"{_ffmpeg_reason(logs[-5:], e)}")
@@ -486,7 +498,7 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
         # off mid-decode (out of memory, say) could hang the worker for good.
         cc.flush_buffers()
     problems = [stats.error] if stats.error else []
-    if not stats.error:
+    if not stats.error and (window is None or window.last):  # a segment ends before the end
         if stats.frames_decoded == 0:
             problems.append("video has no decodable frames")
         else:

@@ -1,0 +1,158 @@
+"""Long videos in segments (segments.py): a segmented decode gives exactly the frames,
+indexes and timestamps of one-task decoding, and an annotate run writes one files row per
+video whose tracks run across segment borders."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+
+import av
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from conftest import face_image, shared
+from fer_batch import decode, segments, sink
+
+FPS = 10
+GOP = 20  # a keyframe every 2 s
+SEGMENT_S = 3.0  # borders at 3, 6, 9, 12 s: inside GOPs, so every segment seeks back
+
+
+def encode(path, n_frames: int, *, fps: int = FPS, gop: int = GOP, vfr: bool = False,
+           frame=None) -> str:
+    """A real H.264 video (B-frames, keyframes every gop frames) whose frame i shows its own
+    number as a bar position, so frames are told apart by their pixels. vfr: irregular
+    timestamps (a 1/1000 s time base, intervals of 70-130 ms)."""
+    rng = np.random.default_rng(0)
+    with av.open(str(path), mode="w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        s.codec_context.gop_size = gop
+        s.codec_context.options = {"keyint_min": str(gop), "sc_threshold": "0", "bf": "2"}
+        if vfr:
+            s.codec_context.time_base = Fraction(1, 1000)
+        t_ms = 0
+        for i in range(n_frames):
+            g = np.full((64, 96), 40, np.uint8) if frame is None else frame(i).copy()
+            g[:8, (i * 3) % 96] = 255
+            f = av.VideoFrame.from_ndarray(np.dstack([g] * 3), format="rgb24")
+            if vfr:
+                f.pts, f.time_base = t_ms, Fraction(1, 1000)
+                t_ms += int(rng.integers(70, 131))
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
+def split(path, *, segment_s=SEGMENT_S, sample_fps=2.0, every_n=0) -> list[dict]:
+    row = {"files": json.dumps([dict(uri=str(path), media_type="video", size_bytes=0,
+                                     mtime_ns=0)])}
+    units = segments.split_unit(row, segment_s=segment_s, sample_fps=sample_fps,
+                                every_n=every_n)
+    return [json.loads(u["files"])[0] for u in units]
+
+
+def decoded(path, entries, **kw) -> tuple[list, int]:
+    """(index, timestamp, pixel checksum) of every sampled frame over the entries, and the
+    frames decoded summed over them, as FaceCropper reads them."""
+    frames, total = [], 0
+    for entry in entries:
+        stats = decode.VideoStats()
+        with open(path, "rb") as f:
+            frames += [(i, t, int(g.astype(np.int64).sum()))
+                       for i, t, g in segments.iter_frames(f, entry, stats=stats, **kw)]
+        assert stats.error is None, stats.error
+        total += stats.frames_decoded
+    return frames, total
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return encode(tmp_path_factory.mktemp("seg") / "v.mp4", 15 * FPS)  # 15 s
+
+
+@pytest.mark.parametrize("mode", [dict(sample_fps=2.0), dict(sample_fps=3.0),
+                                  dict(sample_fps=0.7), dict(every_n=1), dict(every_n=7)])
+def test_segmented_decode_equals_one_task(video, mode):
+    kw = dict(sample_fps=mode.get("sample_fps", 2.0), every_n=mode.get("every_n", 0))
+    parts = split(video, **kw)
+    assert len(parts) >= 5  # 0.7 fps: borders every 2 samples = 2.86 s, 6 segments
+    assert [p["segment"]["index"] for p in parts] == list(range(len(parts)))
+    # later segments start at a keyframe inside the video: a seek, not a decode from 0
+    assert all(p["segment"]["key_pts"] > 0 for p in parts[1:])
+    whole, n_whole = decoded(video, [dict(uri=video)], **kw)
+    pieces, n_pieces = decoded(video, parts, **kw)
+    assert pieces == whole
+    assert n_pieces == n_whole == 15 * FPS
+    if kw["every_n"] == 7:
+        assert [i for i, _, _ in pieces] == list(range(0, 150, 7))
+    if kw["sample_fps"] == 2.0 and not kw["every_n"]:  # a sample at each border (3 s = 6 steps)
+        assert [i for i, _, _ in pieces] == list(range(0, 150, 5))
+        assert [t for _, t, _ in pieces] == pytest.approx(np.arange(0, 15, 0.5))
+
+
+def test_variable_frame_rate_and_matroska(tmp_path):
+    mp4 = encode(tmp_path / "vfr.mp4", 130, vfr=True)
+    mkv = tmp_path / "vfr.mkv"
+    with av.open(mp4) as src, av.open(str(mkv), "w") as dst:  # same packets, other container
+        s_in = src.streams.video[0]
+        s_out = dst.add_stream_from_template(s_in)
+        for p in src.demux(s_in):
+            if p.dts is not None:
+                p.stream = s_out
+                dst.mux(p)
+    for path in (mp4, str(mkv)):
+        for kw in (dict(sample_fps=2.0, every_n=0), dict(sample_fps=2.0, every_n=3)):
+            parts = split(path, **kw)
+            assert len(parts) >= 4
+            assert decoded(path, parts, **kw) == decoded(path, [dict(uri=path)], **kw)
+
+
+def test_a_seek_that_lands_elsewhere_falls_back_to_the_file_start(video):
+    parts = split(video)
+    seg = parts[2]["segment"]
+    seg["key_pts"] += 1  # no frame has this pts: the first frame after the seek differs
+    whole, _ = decoded(video, [dict(uri=video)])
+    pieces, _ = decoded(video, parts)
+    assert pieces == whole
+
+
+def test_short_videos_images_and_off_are_not_split(video, tmp_path):
+    assert len(split(video, segment_s=20)) == 1
+    assert len(split(video, segment_s=0)) == 1
+    assert "segment" not in split(video, segment_s=20)[0]
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00" * 1000)
+    assert split(junk) == [dict(uri=str(junk), media_type="video", size_bytes=0, mtime_ns=0)]
+
+
+def test_segment_bounds_lie_on_the_sampling_grid():
+    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=0) == [3, 6, 9]
+    b = segments.segment_bounds(10.0, segment_s=3, sample_fps=3, every_n=0)
+    assert b == [9 * (1 / 3), 18 * (1 / 3), 27 * (1 / 3)]  # the sampler's own float products
+    # 1 / 0.4 = 2.5 s between samples: borders every 2.5 s, the grid point nearest 3 s
+    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=0.4, every_n=0) == \
+        [2.5, 5.0, 7.5]
+    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=5) == [3, 6, 9]
+    assert segments.segment_bounds(3.0, segment_s=3, sample_fps=2, every_n=0) == []
+
+
+def test_fold_rows_gives_one_row_per_source_naming_the_failed_segment():
+    schema = pa.schema(list(sink.FILE_SCHEMA) + [pa.field(n, t) for n, t in
+                                                 segments.SEGMENT_COLUMNS])
+    rows = [dict(source="a.mp4", media_type="video", status="ok", error=None, size_bytes=9,
+                 mtime_ns=1, frames_decoded=30, faces=2, seconds=1.5, model_id="m",
+                 segment=i, segments=3) for i in range(3)]
+    rows[1].update(status="error", error="segment 2 of 3 (3-6 s): video stream damaged")
+    rows.append(dict(rows[0], source="b.mp4", segments=2))  # b: its segment 2 left no row
+    folded = segments.fold_rows(pa.Table.from_pylist(rows, schema=schema), sink.FILE_SCHEMA)
+    assert folded.schema == sink.FILE_SCHEMA
+    got = {r["source"]: r for r in folded.to_pylist()}
+    assert got["a.mp4"]["status"] == "error" and got["a.mp4"]["frames_decoded"] == 90
+    assert got["a.mp4"]["faces"] == 6 and got["a.mp4"]["error"].startswith("segment 2 of 3")
+    assert got["b.mp4"]["status"] == "error" and "segments [2] of 2" in got["b.mp4"]["error"]
