@@ -54,6 +54,52 @@ def face_image() -> np.ndarray:
     return img
 
 
+def drawn_face(side: int = 150, frame: tuple = (240, 360)) -> np.ndarray:
+    """A face drawn by this function (the project's own pixels: ellipse, brows, eyes, nose,
+    mouth, blurred, a little noise) that the Haar cascade and its verifier find at sides
+    of 100-300 px: unit tests need no ../shared. Centred in a frame of shape `frame` =
+    (h, w) of flat background. Returns (h, w) uint8."""
+    import cv2
+    s = side
+    face = np.full((s, s), 70, np.uint8)
+    c = s // 2
+    cv2.ellipse(face, (c, c + 5), (int(s * 0.33), int(s * 0.43)), 0, 0, 360, 185, -1)
+    ey, ex = int(c - s * 0.08), int(s * 0.14)
+    for k in (-1, 1):
+        cv2.ellipse(face, (c + k * ex, ey - int(s * 0.09)), (int(s * 0.09), int(s * 0.025)),
+                    0, 0, 360, 60, -1)  # brow
+        cv2.ellipse(face, (c + k * ex, ey), (int(s * 0.07), int(s * 0.035)), 0, 0, 360, 40, -1)
+    cv2.ellipse(face, (c, c + int(s * 0.08)), (int(s * 0.04), int(s * 0.09)), 0, 0, 360, 150, -1)
+    cv2.ellipse(face, (c, c + int(s * 0.22)), (int(s * 0.12), int(s * 0.035)), 0, 0, 360, 80, -1)
+    face = cv2.GaussianBlur(face, (0, 0), s * 0.02)
+    noise = np.random.default_rng(0).normal(0, 4, face.shape)
+    h, w = frame
+    out = np.full((h, w), 90, np.uint8)
+    y0, x0 = (h - s) // 2, (w - s) // 2
+    out[y0:y0 + s, x0:x0 + s] = np.clip(face + noise, 0, 255).astype(np.uint8)
+    return out
+
+
+def photo_truth() -> dict[str, list]:
+    """The 43 hand-labelled faces of ../shared/data/photos (face_boxes.csv): file name ->
+    list of (x, y, w, h) boxes (skips when absent)."""
+    import csv
+    truth: dict[str, list] = {}
+    with open(shared("photos", "face_boxes.csv")) as f:
+        for r in csv.DictReader(f):
+            truth.setdefault(r["file"], []).append(tuple(int(float(r[k])) for k in "xywh"))
+    return truth
+
+
+def truth_found(truth: list, boxes, iou: float = 0.5) -> int:
+    """How many of the truth boxes some detected box overlaps with IoU >= iou."""
+    from fer_batch.tracks import box_iou
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if len(truth) == 0 or len(boxes) == 0:
+        return 0
+    return int((box_iou(np.asarray(truth, np.float64), boxes) >= iou).any(axis=1).sum())
+
+
 def encode_video(path: Path, frames, *, fps: int = 10, codec: str = "libx264",
                  pix_fmt: str = "yuv420p", rotate: int = 0) -> Path:
     """Encode grayscale frames (h, w) uint8 into a real video file with PyAV."""

@@ -1,7 +1,7 @@
 """fer_batch.infer: batched prediction and the FacePredictor actor class, without Ray.
 
 The model is a real ResNet-50 with random weights written by the real checkpoint code
-(conftest.random_checkpoint); the faces are real 48x48 crops of a real photo."""
+(conftest.random_checkpoint); the faces are 48x48 crops of a face drawn by the tests (conftest.drawn_face)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import face_image
+from conftest import drawn_face
 from fer_batch import infer, preprocess, sink
 from fer_batch.model import load_checkpoint
 
 
 def faces_batch(n_faces: int) -> dict:
     """A stream batch as the croppers emit it: n_faces face rows, then one file row."""
-    gray = face_image()
+    gray = drawn_face()
     boxes = preprocess.detect_faces(gray, preprocess.load_cascade())[:1].repeat(n_faces, 0)
     crops = preprocess.prepare_faces(preprocess.crop_faces(gray, boxes, margin=0.1))
     kind = np.array(["face"] * n_faces + ["file"], object)

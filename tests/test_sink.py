@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from conftest import face_image
+from conftest import drawn_face
 from fer_batch import infer, preprocess, sink
 
 
 def stream_batch(tmp_path, random_checkpoint) -> dict:
-    ok, jpg = cv2.imencode(".jpg", face_image())
+    ok, jpg = cv2.imencode(".jpg", drawn_face())
     path = tmp_path / "face.jpg"
     path.write_bytes(jpg.tobytes())
     entry = dict(uri=str(path), media_type="image", size_bytes=path.stat().st_size, mtime_ns=7)
