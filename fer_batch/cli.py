@@ -141,6 +141,9 @@ def init_ray(address: str | None, verbose: bool = False) -> None:
     from fer_batch.console import quiet_ray
     if ray.is_initialized():
         return
+    if not verbose:
+        from fer_batch.console import divert_native_stderr
+        divert_native_stderr()  # Ray's C++ core writes to file descriptor 2 directly
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address, log_to_driver=verbose)
     else:
@@ -165,12 +168,13 @@ def _summary(m: dict) -> str:
 
 def check_annotate(cfg: AnnotateConfig) -> None:
     """Everything about the run's own inputs, before Ray starts and before anything is
-    written: option ranges, S3 bucket/endpoint/credentials, the model and its class names,
-    the sources, and an output folder that is new, empty or a fer-batch output. Raises an
+    written: option ranges, the detector's weights, S3 bucket/endpoint/credentials, the
+    model and its class names, the sources, and an output folder that is new, empty or a fer-batch output. Raises an
     error whose one line names the problem and the fix."""
-    from fer_batch import pipeline, runs, sink, sources
+    from fer_batch import detect, pipeline, runs, sink, sources
     from fer_batch.model import load_checkpoint
     pipeline.check_config(cfg)
+    detect.check_detector(cfg.detector)  # its weights and runtime are installed
     for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
                       (cfg.output, "output")]:
         if sources.is_s3(uri):

@@ -9,7 +9,9 @@ LINE_INTERVAL_S seconds otherwise (``ray job submit``, cron, CI logs).
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import tempfile
 import time
 
 LINE_INTERVAL_S = 30.0  # one progress line this often when stderr is not a terminal
@@ -29,6 +31,29 @@ def quiet_ray(verbose: bool) -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(
                     handler, logging.FileHandler):
                 handler.setLevel(logging.ERROR)
+
+
+def divert_native_stderr() -> str | None:
+    """Send what C and C++ code write to file descriptor 2 (Ray's core worker: actor restart
+    notes, GCS reconnects) to a log file, and keep Python's sys.stderr (progress bars,
+    warnings, tracebacks) on the console. Only when sys.stderr is the process's own (not
+    under pytest's capture or a notebook). Returns the log file's path, or None."""
+    if sys.stderr is not sys.__stderr__ or sys.__stderr__ is None:
+        return None
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    folder = os.path.join(tempfile.gettempdir(), "ray")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"fer-batch-driver-{os.getpid()}.err")
+    sys.stderr.flush()
+    console = os.dup(fd)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, fd)
+    os.close(log)
+    sys.stderr = sys.__stderr__ = os.fdopen(console, "w", buffering=1)
+    return path
 
 
 class LineProgress:
