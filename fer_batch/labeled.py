@@ -97,15 +97,16 @@ def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = Non
     Returns (faces np.ndarray shape = (n_ok, C, size, size) uint8, ok bool mask over items,
     skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
     """
-    detector = preprocess.load_detector() if detect_faces else None
+    # the paper's Haar cascade with annotate's settings: the crops a Haar-run annotate makes
+    # (CenterFace boxes are mapped to the same framing: detect.haar_framing)
+    detector = preprocess.load_detector("haar") if detect_faces else None
     crops, ok, skipped = [], [], []
     for folder, rel in items:
         try:
             gray = decode.decode_image(sources.read_bytes(f"{folder.rstrip('/')}/{rel}",
                                                           endpoint_url))
             if detector is not None:
-                gray = preprocess.largest_face(gray, detector[0], margin=crop_margin, size=size,
-                                               **detector[1])
+                gray = preprocess.largest_face(gray, detector, margin=crop_margin, size=size)
             crops.append(preprocess.prepare_faces(gray[None], channels, size)[0])
             ok.append(True)
         except (decode.DecodeError, OSError, ValueError) as e:

@@ -315,7 +315,9 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 crop_margin=spec["crop_margin"],
-                sample_fps=cfg.sample_fps, every_n_frames=every_n,
+                sample_fps=cfg.sample_fps, every_n_frames=every_n, detector=cfg.detector,
+                centerface_max_side=cfg.centerface_max_side,
+                centerface_threshold=cfg.centerface_threshold,
                 detect_max_side=cfg.detect_max_side, scale_factor=cfg.scale_factor,
                 min_neighbors=cfg.min_neighbors, min_face=cfg.min_face, verify=cfg.verify,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,

@@ -1,4 +1,5 @@
-"""The paper's algorithms 1 and 2: equalize, detect (Haar), crop, resize to 48x48, Canny.
+"""The paper's algorithms 1 and 2 around the face detector (detect.py): equalize, crop,
+resize to 48x48, Canny.
 
 Pure functions on numpy arrays, plus ``FaceCropper``, the callable class that
 Ray turns into the CPU actor pool: it reads a file, decodes it, detects and
@@ -20,100 +21,19 @@ import numpy as np
 
 from fer_batch import decode, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
+# the detectors live in detect.py; these names stay importable from here (tests, bench/)
+from fer_batch.detect import (  # noqa: F401
+    CASCADE_FILE, VERIFY_CASCADE_FILE, detect_faces, load_cascade, load_detector)
 
-CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
-VERIFY_CASCADE_FILE = "haarcascade_frontalface_alt2.xml"  # second opinion on each candidate
-VERIFY_PAD = 0.25  # context around a candidate box for the verifier, fraction of its side
-# Verification removed every false positive on the no-face clips and the dog photo and kept
-# ground-truth recall on the annotated photos unchanged (36/43 both): BENCHMARKS.md.
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes prepare_faces can make
 CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
 
 
-def load_cascade(name: str = CASCADE_FILE) -> cv2.CascadeClassifier:
-    path = os.path.join(cv2.data.haarcascades, name)
-    cascade = cv2.CascadeClassifier(path)
-    if cascade.empty():
-        raise RuntimeError(f"cannot load Haar cascade {path}: install opencv-python-headless<5 "
-                           "(OpenCV 5 dropped CascadeClassifier and its XML files)")
-    return cascade
-
-
-def load_detector(*, scale_factor: float = _D.scale_factor,
-                  min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
-                  detect_max_side: int = _D.detect_max_side, verify: bool = _D.verify):
-    """(cascade, detect_faces keyword arguments) for annotate's detection settings (the
-    CLI's by default): FaceCropper and training's --detect-faces find the same boxes."""
-    verifier = load_cascade(VERIFY_CASCADE_FILE) if verify else None
-    return load_cascade(), dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
-                                min_face=min_face, max_side=detect_max_side, verifier=verifier)
-
-
 def equalize(gray: np.ndarray) -> np.ndarray:
     """Histogram equalization. gray: shape = (h, w), uint8 -> same."""
     return cv2.equalizeHist(gray)
-
-
-def verify_faces(gray: np.ndarray, boxes: np.ndarray, verifier: cv2.CascadeClassifier,
-                 min_neighbors: int = 1) -> np.ndarray:
-    """Keep the boxes in which a second cascade also finds a face of about the same size.
-
-    gray: shape = (h, w), uint8; boxes: shape = (n, 4) int32 x, y, w, h. Returns the kept boxes.
-    """
-    H, W = gray.shape[:2]
-    keep = np.zeros(len(boxes), bool)
-    for i, (x, y, w, h) in enumerate(boxes):
-        p = int(VERIFY_PAD * w)
-        roi = equalize(np.ascontiguousarray(gray[max(0, y - p):min(H, y + h + p),
-                                                 max(0, x - p):min(W, x + w + p)]))
-        lo, hi = int(w * 0.6), int(w * 1.5) + 1
-        keep[i] = len(verifier.detectMultiScale(roi, scaleFactor=1.05, minNeighbors=min_neighbors,
-                                                minSize=(lo, lo), maxSize=(hi, hi))) > 0
-    return boxes[keep]
-
-
-def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
-                 scale_factor: float = _D.scale_factor, min_neighbors: int = _D.min_neighbors,
-                 min_face: int = _D.min_face, max_side: int = 0,
-                 verifier: cv2.CascadeClassifier | None = None) -> np.ndarray:
-    """Haar-cascade faces on the equalized frame.
-
-    Parameters
-    ----------
-    gray: np.ndarray, shape = (h, w), uint8; the raw grayscale frame.
-    max_side: detect on a copy downscaled so that max(h, w) <= max_side (0 = full size).
-    min_face: smallest face side in original pixels.
-
-    Returns
-    -------
-    boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, clipped to
-    the frame, sorted top-to-bottom then left-to-right (so face_index is stable).
-    """
-    h, w = gray.shape[:2]
-    scale = 1.0
-    small = gray
-    if max_side and max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        small = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
-                           interpolation=cv2.INTER_AREA)
-    min_side = max(1, int(round(min_face * scale)))
-    if min(small.shape[:2]) < min_side:
-        return np.zeros((0, 4), np.int32)
-    found = cascade.detectMultiScale(equalize(small), scaleFactor=scale_factor,
-                                     minNeighbors=min_neighbors, minSize=(min_side, min_side))
-    if len(found) == 0:
-        return np.zeros((0, 4), np.int32)
-    boxes = np.round(np.asarray(found, np.float64) / scale).astype(np.int64)
-    x0 = np.clip(boxes[:, 0], 0, w - 1)
-    y0 = np.clip(boxes[:, 1], 0, h - 1)
-    x1 = np.clip(boxes[:, 0] + boxes[:, 2], 1, w)
-    y1 = np.clip(boxes[:, 1] + boxes[:, 3], 1, h)
-    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int32)
-    order = np.lexsort((boxes[:, 0], boxes[:, 1]))
-    boxes = boxes[order]
-    return verify_faces(gray, boxes, verifier) if verifier is not None else boxes
 
 
 def expand_boxes(boxes: np.ndarray, margin: float, width: int, height: int) -> np.ndarray:
@@ -173,11 +93,11 @@ def prepare_faces(crops: np.ndarray, channels=CHANNELS, size: int = FACE_SIZE) -
     return out
 
 
-def largest_face(gray: np.ndarray, cascade, *, margin: float = 0.0, size: int = FACE_SIZE,
-                 **detect_kw) -> np.ndarray:
-    """The largest detected face cut out by ``crop_faces`` (same margin and size as
-    annotate), or the whole image when none is found."""
-    boxes = detect_faces(gray, cascade, **detect_kw)
+def largest_face(gray: np.ndarray, detect, *, margin: float = 0.0,
+                 size: int = FACE_SIZE) -> np.ndarray:
+    """The largest face found by detect (a detector of detect.py) cut out by ``crop_faces``
+    (same margin and size as annotate), or the whole image when none is found."""
+    boxes = detect(gray)
     if len(boxes) == 0:
         return gray
     return crop_faces(gray, boxes[[np.argmax(boxes[:, 2] * boxes[:, 3])]], size, margin)[0]
@@ -253,8 +173,8 @@ def test_hooks(uri: str) -> None:
 class FaceCropper:
     """Ray actor: file entries in, face rows (48x48 crops + box metadata) and one file row out.
 
-    Loads the Haar cascade once. ``__call__`` takes a batch of file entries and
-    yields batches; a long video yields every FRAMES_PER_YIELD sampled frames so
+    Builds the face detector once (--detector). ``__call__`` takes a batch of file entries
+    and yields batches; a long video yields every FRAMES_PER_YIELD sampled frames so
     memory stays bounded. Any failure of one file becomes that file's error row.
     """
 
@@ -266,12 +186,15 @@ class FaceCropper:
                  endpoint_url: str | None = None,
                  verify: bool = _D.verify, attempts=None,
                  max_attempts: int = _D.max_file_retries + 1,
-                 crop_margin: float = TRAIN_DEFAULTS.crop_margin):
+                 crop_margin: float = TRAIN_DEFAULTS.crop_margin, detector: str = _D.detector,
+                 centerface_max_side: int = _D.centerface_max_side,
+                 centerface_threshold: float = _D.centerface_threshold):
         """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
-        self.cascade, self.detect_kw = load_detector(
-            scale_factor=scale_factor, min_neighbors=min_neighbors, min_face=min_face,
-            detect_max_side=detect_max_side, verify=verify)
+        self.detect = load_detector(  # gray (h, w) uint8 -> boxes (n, 4) int32
+            detector, scale_factor=scale_factor, min_neighbors=min_neighbors, min_face=min_face,
+            detect_max_side=detect_max_side, verify=verify,
+            centerface_max_side=centerface_max_side, centerface_threshold=centerface_threshold)
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
@@ -332,7 +255,7 @@ class FaceCropper:
             if entry["media_type"] == "image":
                 gray = decode.decode_image(sources.read_bytes(
                     entry["uri"], self.endpoint_url, self.max_image_bytes), self.max_pixels)
-                boxes = detect_faces(gray, self.cascade, **self.detect_kw)
+                boxes = self.detect(gray)
                 frames, faces = 1, len(boxes)
                 if faces:
                     crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
@@ -346,7 +269,7 @@ class FaceCropper:
                             max_pixels=self.max_pixels, stats=stats):
                         if self.attempts is not None:
                             self.attempts.alive()  # the watchdog's sign of progress
-                        boxes = detect_faces(gray, self.cascade, **self.detect_kw)
+                        boxes = self.detect(gray)
                         if len(boxes):  # crop now: only 48x48 crops outlive the frame
                             found.append((index, ts, crop_faces(gray, boxes, self.face_size, self.crop_margin),
                                           boxes))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 
-from fer_batch import cli, decode, evaluate, pipeline, preprocess, tracks
+from fer_batch import cli, decode, detect, evaluate, pipeline, preprocess, tracks
 from fer_batch.config import AnnotateConfig, TrainConfig
 
 
@@ -26,10 +26,15 @@ def test_stages_built_without_arguments_match_the_cli():
     c = preprocess.FaceCropper()
     assert (c.sample_fps, c.every_n, c.max_pixels) == (cfg.sample_fps, cfg.every_n_frames,
                                                       cfg.max_pixels)
-    assert c.detect_kw["max_side"] == cfg.detect_max_side
-    assert (c.detect_kw["scale_factor"], c.detect_kw["min_neighbors"],
-            c.detect_kw["min_face"]) == (cfg.scale_factor, cfg.min_neighbors, cfg.min_face)
-    assert (c.detect_kw["verifier"] is not None) == cfg.verify
+    assert c.detect.name == cfg.detector
+    haar = detect.HaarDetector()  # the Haar settings, whichever detector is the default
+    assert haar.kw["max_side"] == cfg.detect_max_side
+    assert (haar.kw["scale_factor"], haar.kw["min_neighbors"],
+            haar.kw["min_face"]) == (cfg.scale_factor, cfg.min_neighbors, cfg.min_face)
+    assert (haar.kw["verifier"] is not None) == cfg.verify
+    cf = inspect.signature(detect.CenterFaceDetector.__init__).parameters
+    assert (cf["max_side"].default, cf["threshold"].default, cf["min_face"].default) == (
+        cfg.centerface_max_side, cfg.centerface_threshold, cfg.min_face)
     assert c.max_attempts == cfg.max_file_retries + 1
     assert c.crop_margin == TrainConfig().crop_margin
     assert decode.MAX_PIXELS == cfg.max_pixels

