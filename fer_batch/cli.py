@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import time
 
 from fer_batch.config import AnnotateConfig, TrainConfig
@@ -224,21 +223,14 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
 
 
 def train(cfg: TrainConfig, verbose: bool = False) -> int:
-    from fer_batch import sources, train as train_mod
+    from fer_batch import train as train_mod
     try:  # fail fast, before Ray starts: options, data folder, --pretrained weights
-        train_mod.check_config(cfg)
+        checked = train_mod.check_config(cfg)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"fer-batch train: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.address, verbose)
-    if sources.is_s3(cfg.output):  # train into a local folder, then upload the outputs
-        import pyarrow.fs as pafs
-        with tempfile.TemporaryDirectory(prefix="fer-train-") as tmp:
-            metrics = train_mod.fit(dataclasses.replace(cfg, output=tmp))
-            fs, path = sources.resolve(cfg.output, cfg.endpoint_url)
-            pafs.copy_files(tmp, path, destination_filesystem=fs)
-    else:
-        metrics = train_mod.fit(cfg)
+    metrics = train_mod.fit(cfg, checked)
     print(json.dumps({k: metrics[k] for k in ("accuracy", "macro_f1") if k in metrics}))
     return 0
 

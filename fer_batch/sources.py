@@ -9,6 +9,7 @@ S3 are the same code below the listing.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import io
@@ -205,6 +206,23 @@ def open_input(uri: str, endpoint_url: str | None = None):
         return open(path, "rb")
     f = fs.open_input_file(path)
     return RangeReader(f) if is_s3(uri) else f
+
+
+@contextlib.contextmanager
+def local_output(uri: str, endpoint_url: str | None = None):
+    """A local folder to write an output folder's files into: uri itself when local
+    (created), else a temporary folder whose files are copied under the s3:// uri when the
+    block ends without an error (train's and evaluate's outputs; annotate writes through
+    runs.Output)."""
+    if not is_s3(uri):
+        os.makedirs(uri, exist_ok=True)
+        yield uri
+        return
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="fer-batch-out-") as tmp:
+        yield tmp
+        fs, path = resolve(uri, endpoint_url)
+        pafs.copy_files(tmp, path, destination_filesystem=fs)
 
 
 class TooLargeError(ValueError):

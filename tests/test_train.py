@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fer_batch import evaluate, labeled, train
+from fer_batch import evaluate, labeled, train, train_loop
 from fer_batch.config import TrainConfig
 from fer_batch.model import load_checkpoint
 
@@ -99,10 +99,10 @@ def test_subject_from_pattern_when_not_in_labels(tmp_path):
 
 
 def test_lr_schedules():
-    assert train.lr_at(5, 100, 1e-4, "constant") == 1e-4
-    one = [train.lr_at(s, 100, 1e-3, "onecycle") for s in range(100)]
+    assert train_loop.lr_at(5, 100, 1e-4, "constant") == 1e-4
+    one = [train_loop.lr_at(s, 100, 1e-3, "onecycle") for s in range(100)]
     assert abs(max(one) - 1e-3) < 1e-6 and one[0] < 1e-4 and one[-1] < 1e-5
-    cos = [train.lr_at(s, 100, 1e-3, "cosine") for s in range(100)]
+    cos = [train_loop.lr_at(s, 100, 1e-3, "cosine") for s in range(100)]
     assert cos[0] == 0 and abs(max(cos) - 1e-3) < 1e-6 and cos[-1] < 1e-5
 
 
@@ -123,7 +123,7 @@ def test_channels_option_is_parsed_and_checked():
 
 def test_augment_keeps_shape_and_dtype():
     faces = np.random.default_rng(0).integers(0, 256, (4, 1, 48, 48), dtype=np.uint8)
-    out = train.augment_faces(faces, np.random.default_rng(1))
+    out = train_loop.augment_faces(faces, np.random.default_rng(1))
     assert out.shape == faces.shape and out.dtype == np.uint8 and not np.array_equal(out, faces)
 
 
