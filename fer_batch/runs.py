@@ -570,6 +570,37 @@ def read_tracks(out_uri, *, endpoint_url: str | None = None, as_pandas: bool = F
                         columns, runs)
 
 
+def iter_latest(out_uri, table: str, *, columns, runs: dict | None = None, filter=None,
+                batch_rows: int | None = None, endpoint_url: str | None = None):
+    """Rows of a committed table as they stream from disk, latest run per source as in
+    read_faces, without ever holding the table: yields pa.Table pieces of at most
+    batch_rows rows (pyarrow's scan batches; default pyarrow's), in no particular order.
+    Memory: one batch plus the files table's (source, run_id).
+
+    columns: the columns to read (source and run_id are added, run_id as a string);
+    filter: a pyarrow.dataset expression, pushed down to the scan (e.g. on source);
+    out_uri and runs as in read_files."""
+    out = _output(out_uri, endpoint_url)
+    runs = out.committed_runs() if runs is None else runs
+    d = out.path(table)
+    if not runs or not out.exists(d):
+        return
+    latest = read_files(out, runs=runs).select(["source", "run_id"])
+    where = pc.field("run_id").isin(list(runs))
+    where = where if filter is None else where & filter
+    ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
+    scan = dict(columns=list(dict.fromkeys([*columns, "source", "run_id"])), filter=where)
+    if batch_rows is not None:
+        scan["batch_size"] = batch_rows
+    for batch in ds.to_batches(**scan):
+        tbl = pa.Table.from_batches([batch])
+        tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
+                             pc.cast(tbl["run_id"], pa.string()))
+        tbl = keep_latest(tbl, latest)
+        if tbl.num_rows:
+            yield tbl
+
+
 def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
     """source -> (size_bytes, mtime_ns) for files --incremental may skip."""
     tbl = read_files(out_uri, endpoint_url=endpoint_url)
