@@ -2,10 +2,12 @@
 predict (GPU or CPU actors) -> Parquet (staging) -> commit.
 
     entries = sources.list_files(cfg.sources)             # driver: small dicts, no bytes
-    ray.data.from_items(work_units(todo))                  # one video or <=32 images per row
+    split_long_videos(work_units(todo))                    # workers: long video -> segments
+    ray.data.from_items(units)                             # one video, segment or <=32 images
       .map_batches(FaceCropper, CPU actor pool)            # read+decode+detect+crop, one task
       .map_batches(FacePredictor, GPU/CPU actor pool)      # batched ResNet-50
       .write_datasink(StagingSink)                         # Parquet into OUT/_staging/RID
+    runs.Output.fold_segments(RID)                         # one files row per video
     runs.Output.commit(RID)                                # visible only now
 """
 
@@ -25,7 +27,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from fer_batch import runs, sink, sources
+from fer_batch import runs, segments, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
@@ -130,15 +132,16 @@ class AttemptLedger:
         return (f"worker died {tries} times while processing this file (decoder crash, hang "
                 "holding the interpreter, or out of memory); gave up")
 
-    def finish(self, uri: str, frames: int = 0, faces: int = 0) -> None:
+    def finish(self, uri: str, frames: int = 0, faces: int = 0, files: float = 1) -> None:
+        """uri is done; files: the share of a file it was (1 / count for a segment)."""
         self.counts.pop(uri, None)
         self.stalls.pop(uri, None)
-        self.done = [a + b for a, b in zip(self.done, (1, frames, faces))]
+        self.done = [a + b for a, b in zip(self.done, (files, frames, faces))]
 
     def progress(self) -> list[int]:
         """[files, frames, faces] finished so far (for the console; a file redone after a
         worker crash counts again)."""
-        return self.done
+        return [int(self.done[0] + 1e-6), *self.done[1:]]
 
 
 class AttemptCounter:
@@ -179,9 +182,9 @@ class AttemptCounter:
         if self._current is not None:
             self._current = (self._current[0], time.monotonic())
 
-    def finish(self, uri: str, frames: int = 0, faces: int = 0) -> None:
+    def finish(self, uri: str, frames: int = 0, faces: int = 0, files: float = 1) -> None:
         self._current = None
-        self.ledger.finish.remote(uri, frames, faces)
+        self.ledger.finish.remote(uri, frames, faces, files)
 
     def give_up_reason(self, uri: str) -> str:
         return ray.get(self.ledger.give_up_reason.remote(uri))
@@ -222,9 +225,10 @@ class StagingSink(Datasink):
         for i, block in enumerate(blocks):
             batch = BlockAccessor.for_block(block).to_batch_format("numpy")
             faces, files = sink.split_batch(batch, self.classes)
+            segs = sink.segment_table(batch)  # partial rows of long videos' segments
             sink.write_tables(out.fs, stage, faces, files, name=f"{ctx.task_idx:06d}-{i:04d}-"
-                              f"{os.urandom(3).hex()}")
-            rows += faces.num_rows + files.num_rows
+                              f"{os.urandom(3).hex()}", segments=segs)
+            rows += faces.num_rows + files.num_rows + segs.num_rows
         return rows
 
 
@@ -280,6 +284,7 @@ def run(cfg: AnnotateConfig, progress=print) -> dict:
             _execute(cfg, todo, classes, spec, run_id)
         t_proc = time.perf_counter() - t0
         dropped = out.dedup_staged(run_id)
+        out.fold_segments(run_id)  # one files row per segmented video
         counts = _count(out, run_id)
         manifest = dict(run_id=run_id, started=started, finished=runs.now_iso(),
                         seconds=round(time.perf_counter() - t0, 3),
@@ -304,6 +309,8 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     ledger = AttemptLedger.remote()
     items = work_units(todo, cfg.images_per_task)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
+    if cfg.segment_seconds > 0:
+        items = split_long_videos(cfg, items, every_n, ledger)
     ds = (
         ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task
         .map_batches(
@@ -336,6 +343,40 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     )
     with show_progress(ledger, len(todo)):
         ds.write_datasink(StagingSink(cfg.output, run_id, classes, cfg.endpoint_url))
+
+
+def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) -> list[dict]:
+    """Work units with each video longer than cfg.segment_seconds replaced by one unit per
+    segment (segments.split_unit). The videos are opened on the workers (the driver opens no
+    file), in Ray tasks before the annotate chain: a block of the chain goes to one actor
+    whole, so segments must be units of their own from the start. When this fails, videos
+    stay whole (one task each), as with --segment-seconds 0."""
+    videos = [u for u in items if segments.video_uri(u) is not None]
+    if not videos:
+        return items
+    kw = dict(segment_s=cfg.segment_seconds, sample_fps=cfg.sample_fps, every_n=every_n,
+              max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
+              attempts=AttemptCounter(ledger), max_attempts=cfg.max_file_retries + 1)
+    chunks = np.array_split(np.arange(len(videos)), min(len(videos), 4 * resources()[0]))
+    try:
+        split = ray.get([_split_units.remote([videos[i] for i in c], kw) for c in chunks])
+    except Exception as e:  # noqa: BLE001 - splitting is an optimisation, never a failure
+        import logging
+        logging.getLogger(__name__).warning("long videos not split into segments: %s", e)
+        return items
+    by_uri: dict[str, list] = {}
+    for row in (r for rows in split for r in rows):
+        by_uri.setdefault(segments.video_uri(row), []).append(row)
+    out = []
+    for unit in items:
+        rows = by_uri.get(segments.video_uri(unit)) if segments.video_uri(unit) else None
+        out += sorted(rows, key=segments.unit_order) if rows else [unit]
+    return out
+
+
+@ray.remote(max_retries=-1)  # a worker lost mid-probe: again (the ledger bounds the tries)
+def _split_units(units: list, kw: dict) -> list:
+    return [row for unit in units for row in segments.split_unit(unit, **kw)]
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ import time
 import cv2
 import numpy as np
 
-from fer_batch import decode, sink, sources
+from fer_batch import decode, segments, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
 # the detectors live in detect.py; these names stay importable from here (tests, bench/)
 from fer_batch.detect import (  # noqa: F401
@@ -135,15 +135,21 @@ def face_rows(uri: str, media_type: str, found: list, channels=CHANNELS,
 def file_row(entry: dict, *, status: str, error: str | None, frames: int, faces: int,
              seconds: float, face_size: int, channels) -> dict:
     """One files-table row in the same columns as face rows (kind='file'), so both flow
-    through one Ray dataset; the sink splits them."""
+    through one Ray dataset; the sink splits them. For a segment of a long video
+    (entry["segment"], segments.py) a partial row: kind='segment', x = its index, y = the
+    segment count, its error prefixed with the segment's time range."""
+    seg = entry.get("segment")
+    if seg is not None and error:
+        error = f"{segments.describe(seg)}: {error}"
     return {
-        "kind": np.array(["file"], object),
+        "kind": np.array(["file" if seg is None else "segment"], object),
         "source": np.array([entry["uri"]], object),
         "media_type": np.array([entry["media_type"]], object),
         "frame_index": np.array([frames], np.int64),  # frames decoded, for file rows
         "timestamp_s": np.array([seconds]),  # processing seconds, for file rows
         "face_index": np.array([faces], np.int32),  # faces found, for file rows
-        "x": np.zeros(1, np.int32), "y": np.zeros(1, np.int32),
+        "x": np.array([seg["index"] if seg else 0], np.int32),
+        "y": np.array([seg["count"] if seg else 0], np.int32),
         "w": np.zeros(1, np.int32), "h": np.zeros(1, np.int32),
         "face": np.zeros((1, len(channels), face_size, face_size), np.uint8),
         "status": np.array([status], object),
@@ -222,8 +228,11 @@ class FaceCropper:
                 else:  # videos stream out every FRAMES_PER_YIELD frames: bounded memory
                     yield out
             if self.attempts is not None:  # file row: frame_index = frames, face_index = faces
-                self.attempts.finish(entry["uri"], frames=int(out["frame_index"][-1]),
-                                     faces=int(out["face_index"][-1]))
+                seg = entry.get("segment")
+                self.attempts.finish(segments.attempt_key(entry),
+                                     frames=int(out["frame_index"][-1]),
+                                     faces=int(out["face_index"][-1]),
+                                     files=1 / seg["count"] if seg else 1)
         if held:
             yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}
 
@@ -240,10 +249,11 @@ class FaceCropper:
         frames = faces = 0
         status, error = "ok", None
         stats, found = None, []
-        tries = self.attempts(entry["uri"]) if self.attempts else 1
+        key = segments.attempt_key(entry)  # a segment's tries count apart from the others
+        tries = self.attempts(key) if self.attempts else 1
         if tries > self.max_attempts:  # earlier tries ended the worker (crash, hang, OOM kill)
             yield file_row(entry, status="error", error=self.attempts.give_up_reason(
-                entry["uri"]), frames=0, faces=0, seconds=0.0, face_size=self.face_size,
+                key), frames=0, faces=0, seconds=0.0, face_size=self.face_size,
                 channels=self.channels)
             return
         test_hooks(entry["uri"])
@@ -264,8 +274,8 @@ class FaceCropper:
             else:
                 stats = decode.VideoStats()
                 with sources.open_input(entry["uri"], self.endpoint_url) as f:
-                    for index, ts, gray in decode.iter_frames(
-                            f, sample_fps=self.sample_fps, every_n=self.every_n,
+                    for index, ts, gray in segments.iter_frames(
+                            f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
                             max_pixels=self.max_pixels, stats=stats):
                         if self.attempts is not None:
                             self.attempts.alive()  # the watchdog's sign of progress

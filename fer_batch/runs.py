@@ -402,11 +402,28 @@ class Output:
                     self.fs.copy_file(info.path, f"{faces}/{info.base_name}")
                 self.fs.delete_dir(tracked)
 
+    def fold_segments(self, run_id: str) -> int:
+        """One files row per segmented video (segments.fold_rows): the staged segment rows,
+        deduplicated first, become files rows; staging/segments goes. Before READY, like
+        dedup_staged: a run that dies here is redone. Returns the videos folded."""
+        from fer_batch import segments  # PyAV: only where segments were staged
+        d = f"{self.staging(run_id)}/segments"
+        if not self.exists(d):
+            return 0
+        rows = pds.dataset(d, filesystem=self.fs, format="parquet",
+                           schema=sink.SEGMENT_SCHEMA).to_table()
+        folded = segments.fold_rows(rows)
+        sink.write_tables(self.fs, self.staging(run_id), sink.FILE_SCHEMA.empty_table(),
+                          folded, name="segments")
+        self.fs.delete_dir(d)
+        return folded.num_rows
+
     def dedup_staged(self, run_id: str) -> int:
         """Drop rows written twice by retried Ray tasks (same key). Returns rows dropped.
         Memory: the key columns of the table, and one staged file at a time."""
         dropped = 0
-        for table, key in (("faces", sink.FACE_KEY), ("files", sink.FILE_KEY)):
+        for table, key in (("faces", sink.FACE_KEY), ("files", sink.FILE_KEY),
+                           ("segments", sink.SEGMENT_KEY)):
             d = f"{self.staging(run_id)}/{table}"
             if not self.exists(d):
                 continue

@@ -30,7 +30,7 @@ from fractions import Fraction
 import numpy as np
 import pyarrow as pa
 
-from fer_batch import decode, sources
+from fer_batch import decode, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS as _D
 
 SPLIT_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
@@ -164,6 +164,19 @@ def split_unit(row: dict, *, segment_s: float = _D.segment_seconds,
     return [{"files": json.dumps([dict(entry, segment=seg)])} for seg in plan]
 
 
+def video_uri(row: dict) -> str | None:
+    """The uri of a work unit holding one video (or one of its segments), else None."""
+    entries = json.loads(str(row["files"]))
+    if len(entries) == 1 and entries[0]["media_type"] == "video":
+        return entries[0]["uri"]
+    return None
+
+
+def unit_order(row: dict) -> int:
+    """Sort key of a video's units: the segment index (0 for a whole video)."""
+    return (json.loads(str(row["files"]))[0].get("segment") or {}).get("index", 0)
+
+
 # --- decoding one segment (FaceCropper) -----------------------------------------------
 
 def attempt_key(entry: dict) -> str:
@@ -249,15 +262,14 @@ def iter_frames(file, entry: dict, *, stats: decode.VideoStats, **kw):
 
 # --- one files row per video (at the end of the run) ----------------------------------
 
-SEGMENT_COLUMNS = (("segment", pa.int32()), ("segments", pa.int32()))  # staged rows only
-
-
-def fold_rows(rows: pa.Table, file_schema: pa.Schema) -> pa.Table:
+def fold_rows(rows: pa.Table) -> pa.Table:
     """Partial files rows of segments -> one files row per source.
 
-    rows: file_schema + SEGMENT_COLUMNS, at most one row per (source, segment) (deduplicated).
-    Returns a file_schema table: frames_decoded, faces and seconds summed; status error when
-    a segment failed or is missing, with the segments' messages (each names its segment)."""
+    rows: sink.SEGMENT_SCHEMA, at most one row per (source, segment) (deduplicated).
+    Returns a sink.FILE_SCHEMA table: frames_decoded, faces and seconds summed; status error
+    when a segment failed or is missing, with the segments' messages (each names its
+    segment)."""
+    file_schema = sink.FILE_SCHEMA
     cols = {n: rows[n].to_pylist() for n in rows.column_names}
     by_source: dict[str, list[int]] = {}
     for i, s in enumerate(cols["source"]):

@@ -31,6 +31,11 @@ FILE_SCHEMA = pa.schema([
 ])
 FACE_KEY = ("source", "frame_index", "face_index")  # unique per run
 FILE_KEY = ("source",)  # unique per run
+# staged only: the partial files rows of a long video's segments (segments.py), folded into
+# one files row per video before the commit; in the stream, segment rows carry x, y
+SEGMENT_SCHEMA = pa.schema(list(FILE_SCHEMA) + [("segment", pa.int32()),
+                                                ("segments", pa.int32())])
+SEGMENT_KEY = ("source", "segment")  # unique per run
 STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
 UNCERTAIN = "uncertain"  # the label below --min-score (infer and tracks use this one)
 
@@ -111,7 +116,7 @@ def encode_crops(faces: np.ndarray) -> list[bytes]:
 def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
     """(faces table, files table) from a batch of the row stream (column -> np.ndarray)."""
     kind = np.asarray(batch["kind"])
-    f, r = kind == "face", kind == "file"
+    f = kind == "face"
     schema = face_schema(classes)
     faces = {}
     for name, typ in zip(schema.names, schema.types):
@@ -124,6 +129,19 @@ def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
             faces[name] = pa.array(safe_texts(np.asarray(batch[name])[f]), typ)
         else:
             faces[name] = pa.array(np.asarray(batch[name])[f], typ)
+    return pa.table(faces, schema=schema), files_table(batch, kind == "file")
+
+
+def segment_table(batch: dict) -> pa.Table:
+    """The segment rows (kind == 'segment') of a batch of the row stream, SEGMENT_SCHEMA."""
+    r = np.asarray(batch["kind"]) == "segment"
+    tbl = files_table(batch, r)
+    return tbl.append_column("segment", pa.array(np.asarray(batch["x"])[r], pa.int32())) \
+        .append_column("segments", pa.array(np.asarray(batch["y"])[r], pa.int32()))
+
+
+def files_table(batch: dict, r: np.ndarray) -> pa.Table:
+    """FILE_SCHEMA table of the rows r (bool mask) of a batch of the row stream."""
     files = {
         "source": safe_texts(batch["source"][r]), "media_type": batch["media_type"][r],
         "status": batch["status"][r],
@@ -133,10 +151,9 @@ def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
         "faces": batch["face_index"][r], "seconds": batch["timestamp_s"][r],
         "model_id": batch["model_id"][r],
     }
-    files_tbl = pa.table({n: pa.array(np.asarray(files[n]) if n not in ("error", "source")
-                                      else files[n], t)
-                          for n, t in zip(FILE_SCHEMA.names, FILE_SCHEMA.types)})
-    return pa.table(faces, schema=schema), files_tbl
+    return pa.table({n: pa.array(np.asarray(files[n]) if n not in ("error", "source")
+                                 else files[n], t)
+                     for n, t in zip(FILE_SCHEMA.names, FILE_SCHEMA.types)})
 
 
 def file_rows_table(entries, model_id: str) -> pa.Table:
@@ -156,11 +173,13 @@ def file_rows_table(entries, model_id: str) -> pa.Table:
     return pa.table(cols, schema=FILE_SCHEMA)
 
 
-def write_tables(fs, staging: str, faces: pa.Table, files: pa.Table, name: str | None = None):
-    """Write one part of each table under staging/faces and staging/files (pyarrow fs)."""
+def write_tables(fs, staging: str, faces: pa.Table, files: pa.Table, name: str | None = None,
+                 segments: pa.Table | None = None):
+    """Write one part of each table under staging/faces, staging/files (and
+    staging/segments) (pyarrow fs)."""
     name = name or uuid.uuid4().hex
-    for sub, tbl in (("faces", faces), ("files", files)):
-        if tbl.num_rows:
+    for sub, tbl in (("faces", faces), ("files", files), ("segments", segments)):
+        if tbl is not None and tbl.num_rows:
             fs.create_dir(f"{staging}/{sub}", recursive=True)
             pq.write_table(tbl, f"{staging}/{sub}/part-{name}.parquet", filesystem=fs,
                            compression="zstd")

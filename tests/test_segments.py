@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from conftest import face_image, shared
+from conftest import face_image
 from fer_batch import decode, segments, sink
 
 FPS = 10
@@ -27,17 +27,18 @@ def encode(path, n_frames: int, *, fps: int = FPS, gop: int = GOP, vfr: bool = F
     number as a bar position, so frames are told apart by their pixels. vfr: irregular
     timestamps (a 1/1000 s time base, intervals of 70-130 ms)."""
     rng = np.random.default_rng(0)
+    h, w = (64, 96) if frame is None else frame(0).shape
     with av.open(str(path), mode="w") as out:
         s = out.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = 96, 64, "yuv420p"
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.codec_context.gop_size = gop
         s.codec_context.options = {"keyint_min": str(gop), "sc_threshold": "0", "bf": "2"}
         if vfr:
             s.codec_context.time_base = Fraction(1, 1000)
         t_ms = 0
         for i in range(n_frames):
-            g = np.full((64, 96), 40, np.uint8) if frame is None else frame(i).copy()
-            g[:8, (i * 3) % 96] = 255
+            g = np.full((h, w), 40, np.uint8) if frame is None else frame(i).copy()
+            g[:8, (i * 3) % w] = 255
             f = av.VideoFrame.from_ndarray(np.dstack([g] * 3), format="rgb24")
             if vfr:
                 f.pts, f.time_base = t_ms, Fraction(1, 1000)
@@ -143,16 +144,62 @@ def test_segment_bounds_lie_on_the_sampling_grid():
 
 
 def test_fold_rows_gives_one_row_per_source_naming_the_failed_segment():
-    schema = pa.schema(list(sink.FILE_SCHEMA) + [pa.field(n, t) for n, t in
-                                                 segments.SEGMENT_COLUMNS])
+    schema = sink.SEGMENT_SCHEMA
     rows = [dict(source="a.mp4", media_type="video", status="ok", error=None, size_bytes=9,
                  mtime_ns=1, frames_decoded=30, faces=2, seconds=1.5, model_id="m",
                  segment=i, segments=3) for i in range(3)]
     rows[1].update(status="error", error="segment 2 of 3 (3-6 s): video stream damaged")
     rows.append(dict(rows[0], source="b.mp4", segments=2))  # b: its segment 2 left no row
-    folded = segments.fold_rows(pa.Table.from_pylist(rows, schema=schema), sink.FILE_SCHEMA)
+    folded = segments.fold_rows(pa.Table.from_pylist(rows, schema=schema))
     assert folded.schema == sink.FILE_SCHEMA
     got = {r["source"]: r for r in folded.to_pylist()}
     assert got["a.mp4"]["status"] == "error" and got["a.mp4"]["frames_decoded"] == 90
     assert got["a.mp4"]["faces"] == 6 and got["a.mp4"]["error"].startswith("segment 2 of 3")
     assert got["b.mp4"]["status"] == "error" and "segments [2] of 2" in got["b.mp4"]["error"]
+
+
+# --- end to end: one annotate run on a real local Ray ---------------------------------
+
+@pytest.fixture(scope="module")
+def runs_split_and_whole(ray_local, random_checkpoint, tmp_path_factory):
+    """The same archive annotated with 3 s segments and as one task per video."""
+    import fer_batch
+    from fer_batch import cli, runs
+    root = tmp_path_factory.mktemp("archive")
+    face = cv2.resize(face_image(), (240, 300), interpolation=cv2.INTER_AREA)[:180]
+    # a face drifting right, 9 s at 10 fps: 3 segments of 3 s, one track across both borders
+    encode(root / "drift.mp4", 90, frame=lambda i: np.roll(face, i // 2, axis=1))
+    encode(root / "blank.mp4", 40)  # 4 s: 2 segments, no faces
+    cv2.imwrite(str(root / "face.jpg"), face)
+    outs = {}
+    for name, seconds in (("split", "3"), ("whole", "0")):
+        out = tmp_path_factory.mktemp(name) / "out"
+        assert cli.main(["annotate", str(root), "--model", random_checkpoint, "--output",
+                         str(out), "--segment-seconds", seconds]) == 0
+        outs[name] = (fer_batch.read_files(str(out), as_pandas=True),
+                      fer_batch.read_faces(str(out), as_pandas=True),
+                      runs.read_tracks(str(out), as_pandas=True))
+    return outs
+
+
+def test_one_files_row_per_video_and_the_faces_of_one_task(runs_split_and_whole):
+    (files, faces, tracks), (files1, faces1, tracks1) = (runs_split_and_whole["split"],
+                                                         runs_split_and_whole["whole"])
+    assert files["source"].is_unique and len(files) == 3
+    cols = ["source", "status", "frames_decoded", "faces"]
+    assert files.sort_values("source")[cols].values.tolist() == \
+        files1.sort_values("source")[cols].values.tolist()
+    drift = files[files["source"].str.endswith("drift.mp4")].iloc[0]
+    assert drift["status"] == "ok" and drift["frames_decoded"] == 90 and drift["faces"] > 0
+    key = ["source", "frame_index", "face_index", "timestamp_s", "x", "y", "w", "h", "track_id"]
+    assert faces.sort_values(key[:3])[key].fillna(-1).values.tolist() == \
+        faces1.sort_values(key[:3])[key].fillna(-1).values.tolist()  # images: no time, track
+    video = faces[faces["source"].str.endswith("drift.mp4")]
+    assert set(video["frame_index"]) <= set(range(0, 90, 5))  # 2 fps of 10 fps
+    # tracks are linked after all faces are known (at commit): one track runs across the
+    # 3 s and 6 s borders, as in the unsplit run
+    tcols = ["source", "track_id", "start_s", "end_s", "faces"]
+    assert tracks.sort_values(tcols[:2])[tcols].values.tolist() == \
+        tracks1.sort_values(tcols[:2])[tcols].values.tolist()
+    long = tracks[tracks["source"].str.endswith("drift.mp4")]
+    assert ((long["start_s"] < 3) & (long["end_s"] > 6)).any()
