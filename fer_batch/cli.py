@@ -165,11 +165,12 @@ def _summary(m: dict) -> str:
             f"  manifest: {m['manifest_path']}")
 
 
-def check_annotate(cfg: AnnotateConfig) -> None:
+def check_annotate(cfg: AnnotateConfig) -> dict:
     """Everything about the run's own inputs, before Ray starts and before anything is
     written: option ranges, the detector's weights, S3 bucket/endpoint/credentials, the
-    model and its class names, the sources, and an output folder that is new, empty or a fer-batch output. Raises an
-    error whose one line names the problem and the fix."""
+    model and its class names, the sources, and an output folder that is new, empty or a
+    fer-batch output. Raises an error whose one line names the problem and the fix.
+    Returns the checkpoint's metadata (pipeline.run does not load it again)."""
     from fer_batch import detect, pipeline, runs, sink, sources
     from fer_batch.model import load_checkpoint
     pipeline.check_config(cfg)
@@ -184,6 +185,7 @@ def check_annotate(cfg: AnnotateConfig) -> None:
         if not sources.is_s3(src):
             sources.check_access(src, cfg.endpoint_url, kind="source")
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
+    return meta
 
 
 def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
@@ -194,7 +196,7 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url),
                               sources=tuple(sources.strip_credentials(s) for s in cfg.sources))
     try:  # fail fast, before Ray starts: options, S3, bad model, no source, foreign output
-        check_annotate(cfg)
+        meta = check_annotate(cfg)
     except (CheckpointError, sources.SourceError, pipeline.ConfigError, sink.ClassNameError,
             runs.ForeignOutputError, OSError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
@@ -202,7 +204,7 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     init_ray(cfg.address, verbose)
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
-        manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True))
+        manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True), meta=meta)
     except (runs.LockedError, runs.ForeignOutputError, sources.SourceError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -237,15 +237,18 @@ def resources() -> tuple[int, int]:
     return int(res.get("CPU", 1)), int(res.get("GPU", 0))
 
 
-def run(cfg: AnnotateConfig, progress=print) -> dict:
+def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
     """Annotate cfg.sources into cfg.output; returns the run manifest (counts, paths, times).
+    meta: the checkpoint's metadata when the caller has checked it (cli.check_annotate);
+    else the checkpoint is loaded and checked here, before any work.
 
     Ray must be initialised by the caller (cli.main or a job)."""
     started, t0 = runs.now_iso(), time.perf_counter()
-    check_config(cfg)
-    _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)  # fail fast, before any work
+    if meta is None:
+        check_config(cfg)
+        _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
+        sink.check_class_names(meta["classes"], cfg.model)
     classes, model_id = meta["classes"], meta["model_id"]
-    sink.check_class_names(classes, cfg.model)
     # model input and crop framing (older checkpoints: no margin)
     spec = dict(meta["input"], crop_margin=float(meta["preprocessing"].get("crop_margin", 0.0)))
 
