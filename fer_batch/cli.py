@@ -97,6 +97,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-margin", type=float, default=None, help="margin around the Haar "
                    "box with --detect-faces, as a fraction of its side (default: the "
                    "checkpoint's, as annotate uses)")
+    p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
+                   default=AnnotateConfig.flip_average, help="average each face's "
+                   "probabilities with its mirror image's, as annotate does")
     p = command("report", "self-contained HTML report of an output folder")
     p.add_argument("output", help="the OUT folder of `fer-batch annotate`")
     p.add_argument("--html", default=None, help="where to write the page "
@@ -245,7 +248,8 @@ def _small_command(args) -> int:
         if args.command == "evaluate":
             metrics = evaluate.evaluate_folder(args.data, args.model, args.output,
                                                args.endpoint_url, detect_faces=args.detect_faces,
-                                               crop_margin=args.crop_margin)
+                                               crop_margin=args.crop_margin,
+                                               flip_average=args.flip_average)
             print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
         elif args.command == "report":
             print(report.write_report(args.output, args.html))

@@ -55,12 +55,13 @@ class AnnotateConfig:
     every_n_frames: int = opt(0, "Take every N-th decoded frame instead of --sample-fps "
                               "(1 = every frame).", "video", min=0)
     all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")
-    segment_seconds: float = opt(300.0, "Split videos longer than this many seconds into "
-                                 "segments of about this length, processed in parallel (each "
-                                 "decodes from the keyframe before its start; frame indexes, "
-                                 "timestamps and the one files row per video are those of an "
-                                 "unsplit run). 0 = one task per video. 300 s at 2 fps is 600 "
-                                 "sampled frames per task.", "video", min=0)
+    segment_seconds: float = opt(300.0, "Split videos longer than 1.5x this many seconds "
+                                 "into segments of this length (the last takes the rest), "
+                                 "processed in parallel; each decodes from the keyframe before "
+                                 "its start, and frame indexes, timestamps and the one files "
+                                 "row per video are those of an unsplit run. 0 = one task per "
+                                 "video. 300 s at 2 fps is 600 sampled frames per task.",
+                                 "video", min=0)
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
     detector: str = opt("haar", "Face detector: haar (the paper's Haar cascade, OpenCV) or "
@@ -98,6 +99,10 @@ class AnnotateConfig:
     device: str = opt("auto", "auto (GPU when the cluster has one at start), cpu or cuda "
                       "(use cuda on autoscaling clusters whose GPU nodes start at zero).",
                       "inference", choices=("auto", "cpu", "cuda"))
+    flip_average: bool = opt(True, "Average each face's probabilities with those of its "
+                             "mirror image (test-time augmentation: +1.7 points on FER2013 "
+                             "val, RESULTS.md); twice the inference work, a few per cent of a "
+                             "CPU run.", "inference")
     min_score: float = opt(0.0, "Below this top probability the label is 'uncertain' "
                            "(probabilities are kept).", "inference", min=0, max=1)
 

@@ -164,7 +164,8 @@ def match_classes(data_classes, model_classes) -> dict:
 
 def evaluate_folder(data: str, model_path: str, output: str | None = None,
                     endpoint_url: str | None = None, detect_faces: bool = False,
-                    crop_margin: float | None = None) -> dict:
+                    crop_margin: float | None = None,
+                    flip_average: bool = ANNOTATE_DEFAULTS.flip_average) -> dict:
     """Score a checkpoint on a labeled folder (one subfolder per class).
 
     Classes are matched by name. Images of classes the model lacks (e.g. JAFFE's
@@ -180,6 +181,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     detect_faces: crop the largest Haar face first (for full photos such as JAFFE), the way
         annotate crops it (labeled.load_faces).
     crop_margin: margin around the Haar box (None = the checkpoint's, as annotate uses).
+    flip_average: average with the mirror image, as annotate does by default (training's
+        own test metrics do not: the paper's protocol).
 
     Returns
     -------
@@ -210,12 +213,14 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     bar.close()
     keep = [i for i, good in zip(keep, ok) if good]
     y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
-    probs = infer.predict(model, faces, batch_size=PREDICT_BATCH, progress=True)
+    probs = infer.predict(model, faces, batch_size=PREDICT_BATCH, progress=True,
+                          flip_average=flip_average)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     metrics = compute_metrics(y_true, y_pred, classes)
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
                    excluded_classes=excluded, missing_classes=match["model_only"],
-                   skipped=skipped, detect_faces=detect_faces, crop_margin=margin)
+                   skipped=skipped, detect_faces=detect_faces, crop_margin=margin,
+                   flip_average=flip_average)
     print(f"evaluate {data}: {format_metrics(metrics)}")
     print(format_confusion(metrics["confusion_matrix"], classes))
     if output:

@@ -26,13 +26,15 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
-            batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False) -> np.ndarray:
+            batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False,
+            flip_average: bool = ANNOTATE_DEFAULTS.flip_average) -> np.ndarray:
     """Class probabilities for prepared faces.
 
     Parameters
     ----------
     faces: np.ndarray, shape = (n, C, 48, 48), uint8 (output of preprocess.prepare_faces).
     progress: show a progress bar of faces scored (evaluate, on the console).
+    flip_average: the mean of the probabilities of each face and of its mirror image.
 
     Returns
     -------
@@ -44,14 +46,10 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
     bar = progress_bar(len(faces), "scoring", "face") if progress else None
     for i in range(0, len(faces), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(faces[i:i + batch_size])).to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            with torch.autocast("cuda", dtype=dtype):
-                logits = model(x)
-        else:
-            logits = model(x)
-        out.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        probs = _probs(model, x, device)
+        if flip_average:
+            probs = (probs + _probs(model, x.flip(-1), device)) / 2
+        out.append(probs.cpu().numpy())
         if bar is not None:
             bar.update(len(x))
     if bar is not None:
@@ -61,14 +59,27 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
     return np.concatenate(out).astype(np.float32)
 
 
+def _probs(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Softmax of the model on one batch x (n, C, h, w) uint8, on device."""
+    if device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        with torch.autocast("cuda", dtype=dtype):
+            logits = model(x)
+    else:
+        logits = model(x)
+    return torch.softmax(logits.float(), dim=1)
+
+
 class FacePredictor:
     """Ray actor: adds label, score, model_id and one probability column per class to the
     face rows of a batch; file rows (kind == 'file') pass through with empty predictions."""
 
     def __init__(self, *, checkpoint: str, device: str = ANNOTATE_DEFAULTS.device,
                  batch_size: int = ANNOTATE_DEFAULTS.batch_size,
-                 min_score: float = 0.0, endpoint_url: str | None = None,
-                 num_threads: int = 0):
+                 min_score: float = ANNOTATE_DEFAULTS.min_score,
+                 flip_average: bool = ANNOTATE_DEFAULTS.flip_average,
+                 endpoint_url: str | None = None, num_threads: int = 0):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.device = pick_device(device)
@@ -79,6 +90,7 @@ class FacePredictor:
         check_class_names(self.classes, checkpoint)  # no class may be named like a column
         self.model_id = meta["model_id"]
         self.batch_size, self.min_score = batch_size, min_score
+        self.flip_average = flip_average
 
     def __call__(self, batch: dict) -> dict:
         is_face = batch["kind"] == "face"
@@ -86,7 +98,7 @@ class FacePredictor:
         probs = np.zeros((n, len(self.classes)), np.float32)
         if is_face.any():
             probs[is_face] = predict(self.model, batch["face"][is_face], self.device,
-                                     self.batch_size)
+                                     self.batch_size, flip_average=self.flip_average)
         labels, scores = top_labels(probs, self.classes, self.min_score)
         batch["label"] = np.where(is_face, labels, "").astype(object)
         batch["score"] = np.where(is_face, scores, 0).astype(np.float32)

@@ -310,7 +310,8 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
                                                            cfg.class_weight))
     net = build_model(**model_args)
     net.load_state_dict(state)
-    pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH).argmax(1)
+    pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH,
+                         flip_average=False).argmax(1)  # the paper's metric, as the workers
     m = evaluate.compute_metrics(y[te], pred, classes)
     m.update(split="subject-folds" if cfg.folds else cfg.split, fold=k if cfg.folds else None,
              folds=cfg.folds, n_train=len(tr), n_test=len(te), epochs=cfg.epochs,

@@ -64,3 +64,14 @@ def test_gpu_path_agrees_with_cpu(random_checkpoint):
     p_gpu = np.stack([gpu[c] for c in classes], 1)
     assert np.abs(p_cpu - p_gpu).max() < 0.02
     assert (p_cpu[:64].argmax(1) == p_gpu[:64].argmax(1)).mean() > 0.95
+
+
+def test_flip_average_is_the_mean_over_the_face_and_its_mirror(random_checkpoint):
+    model, _ = load_checkpoint(random_checkpoint)
+    faces = faces_batch(3)["face"][:3]
+    plain = infer.predict(model, faces, flip_average=False)
+    mirror = infer.predict(model, np.ascontiguousarray(faces[..., ::-1]), flip_average=False)
+    both = infer.predict(model, faces, flip_average=True)
+    np.testing.assert_allclose(both, (plain + mirror) / 2, atol=1e-6)
+    assert not np.allclose(plain, mirror)  # a face is not its own mirror image
+    np.testing.assert_allclose(both.sum(axis=1), 1, atol=1e-5)
