@@ -1,17 +1,19 @@
 """Long videos in time segments: one video -> several work units decoded in parallel, and
 their partial files rows -> one files row again.
 
-A video longer than ``--segment-seconds`` would keep one core busy for its whole length
-while the rest of the cluster waits. The driver cannot know durations (it lists millions
-of files and opens none), so the split happens in the Ray Data chain, on workers:
+A long video would keep one core busy for its whole length while the rest of the cluster
+waits. The driver cannot know durations (it lists millions of files and opens none), so
+the videos are opened on the workers (pipeline.split_long_videos runs split_unit in Ray
+tasks, before the annotate chain: Ray Data hands a block to one actor whole, so segments
+must be work units of their own from the start):
 
     split_unit(row)       a work unit holding one video: open its header (duration); when
-                          longer than segment_s, demux its packets once (no decoding) and
-                          emit one unit per segment, each entry carrying a ``segment`` dict
+                          longer than 1.5 x segment_s, demux its packets once (no decoding)
+                          and emit one unit per segment, each entry carrying a ``segment``
     iter_frames(f, entry) FaceCropper decodes a segment: seek to the keyframe at or before
                           its start, decode from there, keep the frames of [start, end)
-    fold_rows(table)      at the end of the run, the segments' partial rows of a video ->
-                          its one files row (sums; error when any segment failed)
+    fold_rows(table)      before the commit, the segments' partial rows of a video -> its
+                          one files row (sums; error when any segment failed)
 
 Frame indexes and timestamps are those of one-task decoding (``decode.iter_frames``):
 the index of a frame is its rank in presentation order among all frames of the video
@@ -49,15 +51,17 @@ def segment_bounds(duration_s: float, *, segment_s: float, sample_fps: float,
                    every_n: int) -> list[float]:
     """Inner borders of the segments of a video, seconds, ascending; [] = one segment.
 
+    Segments are segment_s long (rounded to whole sampling steps), the last one takes the
+    rest (0.5 to 1.5 segment_s), so a video is split when it is longer than 1.5 segment_s.
     With --sample-fps (every_n == 0) a border is k * (1 / sample_fps), computed as decode's
     sampler computes its next sample time, so it falls exactly on the sampling grid."""
-    if segment_s <= 0 or duration_s <= segment_s:
+    if segment_s <= 0:
         return []
+    step = 0.0 if every_n else 1.0 / sample_fps
+    n_steps = 0 if every_n else max(1, round(segment_s / step))
+    count = round(duration_s / (n_steps * step if step else segment_s))
     if every_n:
-        return [k * segment_s for k in range(1, int(math.ceil(duration_s / segment_s)))]
-    step = 1.0 / sample_fps
-    n_steps = max(1, round(segment_s / step))
-    count = int(math.ceil(duration_s / (n_steps * step)))
+        return [k * segment_s for k in range(1, count)]
     return [(k * n_steps) * step for k in range(1, count)]
 
 

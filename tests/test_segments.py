@@ -124,7 +124,7 @@ def test_a_seek_that_lands_elsewhere_falls_back_to_the_file_start(video):
 
 
 def test_short_videos_images_and_off_are_not_split(video, tmp_path):
-    assert len(split(video, segment_s=20)) == 1
+    assert len(split(video, segment_s=11)) == 1  # 15 s < 1.5 x 11 s
     assert len(split(video, segment_s=0)) == 1
     assert "segment" not in split(video, segment_s=20)[0]
     junk = tmp_path / "junk.mp4"
@@ -133,14 +133,16 @@ def test_short_videos_images_and_off_are_not_split(video, tmp_path):
 
 
 def test_segment_bounds_lie_on_the_sampling_grid():
-    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=0) == [3, 6, 9]
+    # the last segment takes the rest: 10 s in 3 s segments = 3, 3 and 4 s
+    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=0) == [3, 6]
     b = segments.segment_bounds(10.0, segment_s=3, sample_fps=3, every_n=0)
-    assert b == [9 * (1 / 3), 18 * (1 / 3), 27 * (1 / 3)]  # the sampler's own float products
+    assert b == [9 * (1 / 3), 18 * (1 / 3)]  # the sampler's own float products
     # 1 / 0.4 = 2.5 s between samples: borders every 2.5 s, the grid point nearest 3 s
     assert segments.segment_bounds(10.0, segment_s=3, sample_fps=0.4, every_n=0) == \
         [2.5, 5.0, 7.5]
-    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=5) == [3, 6, 9]
-    assert segments.segment_bounds(3.0, segment_s=3, sample_fps=2, every_n=0) == []
+    assert segments.segment_bounds(10.0, segment_s=3, sample_fps=2, every_n=5) == [3, 6]
+    assert segments.segment_bounds(4.4, segment_s=3, sample_fps=2, every_n=0) == []
+    assert segments.segment_bounds(4.6, segment_s=3, sample_fps=2, every_n=0) == [3]
 
 
 def test_fold_rows_gives_one_row_per_source_naming_the_failed_segment():
@@ -169,7 +171,7 @@ def runs_split_and_whole(ray_local, random_checkpoint, tmp_path_factory):
     face = cv2.resize(face_image(), (240, 300), interpolation=cv2.INTER_AREA)[:180]
     # a face drifting right, 9 s at 10 fps: 3 segments of 3 s, one track across both borders
     encode(root / "drift.mp4", 90, frame=lambda i: np.roll(face, i // 2, axis=1))
-    encode(root / "blank.mp4", 40)  # 4 s: 2 segments, no faces
+    encode(root / "blank.mp4", 50)  # 5 s: 2 segments, no faces
     cv2.imwrite(str(root / "face.jpg"), face)
     outs = {}
     for name, seconds in (("split", "3"), ("whole", "0")):
