@@ -342,6 +342,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
             fn_constructor_kwargs=dict(
                 checkpoint=cfg.model, device="cuda" if use_gpu else "cpu",
                 batch_size=cfg.batch_size, min_score=cfg.min_score,
+                flip_average=cfg.flip_average,
                 endpoint_url=cfg.endpoint_url, num_threads=0 if use_gpu else 1))
     )
     with show_progress(ledger, len(todo)):
