@@ -87,15 +87,15 @@ def annotate(name: str, archive, extra: list, env: dict | None = None) -> dict:
 
 
 def count_images(out: Path) -> int:
-    from fer_batch import runs
-    t = runs.read_files(str(out))
+    from fer_batch import readers
+    t = readers.read_files(str(out))
     return int(sum(1 for m in t.column("media_type").to_pylist() if m == "image"))
 
 
 def photo_boxes(out: Path) -> dict:
     """Boxes found in the first copy of each photo: file name -> [(x, y, w, h)]."""
-    from fer_batch import runs
-    t = runs.read_faces(str(out), columns=["source", "media_type", "x", "y", "w", "h", "run_id"])
+    from fer_batch import readers
+    t = readers.read_faces(str(out), columns=["source", "media_type", "x", "y", "w", "h", "run_id"])
     if t is None:
         return {}
     d = t.to_pydict()

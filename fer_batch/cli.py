@@ -242,7 +242,7 @@ def train(cfg: TrainConfig, verbose: bool = False) -> int:
 
 def _small_command(args) -> int:
     """evaluate, report, compact: a bad model, folder or output ends in one line, exit 2."""
-    from fer_batch import evaluate, report, runs
+    from fer_batch import evaluate, readers, report, runs
     from fer_batch.model import CheckpointError
     try:
         if args.command == "evaluate":
@@ -254,7 +254,7 @@ def _small_command(args) -> int:
         elif args.command == "report":
             print(report.write_report(args.output, args.html))
         else:
-            print(runs.compact(args.output))
+            print(readers.compact(args.output))
     except (CheckpointError, runs.ForeignOutputError, runs.LockedError, ValueError,
             FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"fer-batch {args.command}: error: {e}", file=sys.stderr)

@@ -27,7 +27,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from fer_batch import runs, segments, sink, sources
+from fer_batch import readers, runs, segments, sink, sources
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
@@ -268,7 +268,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         if bad_names:
             progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
                      "\\xNN escapes for the bad bytes (docs/output.md)")
-        done = runs.done_index(cfg.output, cfg.endpoint_url) if cfg.incremental else {}
+        done = readers.done_index(cfg.output, cfg.endpoint_url) if cfg.incremental else {}
         already = [e for e in entries
                    if done.get(sink.safe_text(e["uri"])) == (e["size_bytes"], e["mtime_ns"])]
         skip = {e["uri"] for e in already}

@@ -1,5 +1,5 @@
 """The report's data in bounded memory: streaming passes over the latest committed run of
-each source (runs.iter_latest), never a whole faces table in memory.
+each source (readers.iter_latest), never a whole faces table in memory.
 
     files rows (one per source) and the run manifests                   O(files)
     pass 1 over faces, narrow columns (no crops, no probabilities):
@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pds
 
-from fer_batch import runs, tracks
+from fer_batch import readers, runs, tracks
 
 BATCH_ROWS = 65_536  # face rows per scanned batch: pass 1 reads ~60 bytes a row, a few MB
 MAX_TIMELINES = 12  # videos with a timeline, most faces first
@@ -85,9 +85,9 @@ def load(out_uri: str, endpoint_url: str | None = None,
     out = runs.Output(out_uri, endpoint_url)
     manifests = out.committed_runs()
     names = face_columns(out)
-    scan = partial(runs.iter_latest, out, runs=manifests, batch_rows=batch_rows)
+    scan = partial(readers.iter_latest, out, runs=manifests, batch_rows=batch_rows)
     d = ReportData(out=out, manifests=manifests,
-                   files=runs.read_files(out, runs=manifests).to_pandas(),
+                   files=readers.read_files(out, runs=manifests).to_pandas(),
                    classes=[c for c in model_classes(manifests) if c in names],
                    smooth_s=track_smooth_s(manifests))
     d.faces, d.counts, picks = tally_faces(

@@ -1,4 +1,4 @@
-"""The output folder's commit protocol, the incremental index and the readers.
+"""The output folder's commit protocol (the readers are readers.py).
 
 Layout of OUT (local path or s3://), documented in docs/output.md:
 
@@ -18,8 +18,8 @@ the marker (or an older fer-batch layout) is refused as an output (``claim``).
 
 A run writes only into its staging folder. When every file is accounted for it
 writes READY.json, moves staging into faces/ and files/ (directory renames on
-local disk, copies on S3) and writes the manifest last. ``read_faces`` and
-``read_files`` only read runs with a manifest, and for each source only the
+local disk, copies on S3) and writes the manifest last. Readers (readers.py)
+only read runs with a manifest, and for each source only the
 latest committed run that processed it. A run that died before READY leaves
 only staging, which the next run deletes; one that died after READY is rolled
 forward by the next run.
@@ -37,7 +37,6 @@ import time
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -509,191 +508,3 @@ def _pid_alive(pid) -> bool:
         return False
     except PermissionError:
         return True
-
-
-def _output(out, endpoint_url) -> Output:
-    return out if isinstance(out, Output) else Output(out, endpoint_url)
-
-
-def _read_committed(out: Output, table: str, runs: dict, columns=None) -> pa.Table | None:
-    """Rows of `table` in the runs of one listing (`runs`), run_id as a string; None when
-    there is no such run or table. A run committed after that listing is not read."""
-    d = out.path(table)
-    if not runs or not out.exists(d):
-        return None
-    ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
-    tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
-    return tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
-                          pc.cast(tbl["run_id"], pa.string()))
-
-
-def read_files(out_uri, *, latest: bool = True, endpoint_url: str | None = None,
-               as_pandas: bool = False, runs: dict | None = None):
-    """Files rows of committed runs. latest=True keeps, per source, the row of the most
-    recent committed run that processed it (what --incremental compares against).
-
-    out_uri: OUT (local or s3://) or an Output. runs: a committed_runs() listing to read
-    (the report reads every table from one listing); default: list them now, once."""
-    out = _output(out_uri, endpoint_url)
-    runs = out.committed_runs() if runs is None else runs
-    tbl = _read_committed(out, "files", runs)
-    if tbl is None:
-        tbl = sink.FILE_SCHEMA.empty_table().append_column("run_id", pa.array([], pa.string()))
-    elif latest and tbl.num_rows:
-        tbl = tbl.sort_by([("source", "ascending"), ("run_id", "descending")])
-        src = tbl["source"].to_pylist()
-        keep = [i for i in range(len(src)) if i == 0 or src[i] != src[i - 1]]
-        tbl = tbl.take(keep)
-    return tbl.to_pandas() if as_pandas else tbl
-
-
-def _read_latest(out_uri, table: str, sort_keys, endpoint_url, as_pandas, columns,
-                 runs: dict | None):
-    """Rows of a committed table, keeping for each source only the run that produced its
-    latest files row. Both tables are read from one listing of the committed runs: a commit
-    or compaction landing in between cannot make the two disagree (and rows vanish)."""
-    out = _output(out_uri, endpoint_url)
-    runs = out.committed_runs() if runs is None else runs
-    if columns is not None:  # the filter and the sort below need their keys
-        columns = list(dict.fromkeys([*columns, *sort_keys, "run_id"]))
-    tbl = _read_committed(out, table, runs, columns)
-    if tbl is None:
-        return None if not as_pandas else __import__("pandas").DataFrame()
-    latest = read_files(out, runs=runs).select(["source", "run_id"])
-    tbl = keep_latest(tbl, latest).sort_by([(k, "ascending") for k in sort_keys])
-    return tbl.to_pandas() if as_pandas else tbl
-
-
-def keep_latest(tbl: pa.Table, latest: pa.Table) -> pa.Table:
-    """Rows of tbl whose (source, run_id) is in latest. A filter, not a join: Arrow's hash
-    join cannot carry list columns such as tracks' segments."""
-    key = lambda t: pc.binary_join_element_wise(t["source"], t["run_id"], "\x00")  # noqa: E731
-    return tbl.filter(pc.is_in(key(tbl), value_set=key(latest)))
-
-
-def read_faces(out_uri, *, endpoint_url: str | None = None, as_pandas: bool = False,
-               columns=None, runs: dict | None = None):
-    """Face rows of committed runs, keeping for each source only the run that produced its
-    latest files row (a changed file re-annotated tonight replaces last night's faces).
-    out_uri and runs as in read_files."""
-    return _read_latest(out_uri, "faces", ("source", "frame_index", "face_index"),
-                        endpoint_url, as_pandas, columns, runs)
-
-
-def read_tracks(out_uri, *, endpoint_url: str | None = None, as_pandas: bool = False,
-                columns=None, runs: dict | None = None):
-    """Tracks rows (tracks.py) of committed runs, latest run per source, like read_faces."""
-    return _read_latest(out_uri, "tracks", ("source", "track_id"), endpoint_url, as_pandas,
-                        columns, runs)
-
-
-def iter_latest(out_uri, table: str, *, columns, runs: dict | None = None, filter=None,
-                batch_rows: int | None = None, endpoint_url: str | None = None):
-    """Rows of a committed table as they stream from disk, latest run per source as in
-    read_faces, without ever holding the table: yields pa.Table pieces of at most
-    batch_rows rows (pyarrow's scan batches; default pyarrow's), in no particular order.
-    Memory: one batch plus the files table's (source, run_id).
-
-    columns: the columns to read (source and run_id are added, run_id as a string);
-    filter: a pyarrow.dataset expression, pushed down to the scan (e.g. on source);
-    out_uri and runs as in read_files."""
-    out = _output(out_uri, endpoint_url)
-    runs = out.committed_runs() if runs is None else runs
-    d = out.path(table)
-    if not runs or not out.exists(d):
-        return
-    latest = read_files(out, runs=runs).select(["source", "run_id"])
-    where = pc.field("run_id").isin(list(runs))
-    where = where if filter is None else where & filter
-    ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
-    scan = dict(columns=list(dict.fromkeys([*columns, "source", "run_id"])), filter=where)
-    if batch_rows is not None:
-        scan["batch_size"] = batch_rows
-    for batch in ds.to_batches(**scan):
-        tbl = pa.Table.from_batches([batch])
-        tbl = tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
-                             pc.cast(tbl["run_id"], pa.string()))
-        tbl = keep_latest(tbl, latest)
-        if tbl.num_rows:
-            yield tbl
-
-
-def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
-    """source -> (size_bytes, mtime_ns) for files --incremental may skip."""
-    tbl = read_files(out_uri, endpoint_url=endpoint_url)
-    idx = {}
-    for s, st, size, mt in zip(tbl["source"].to_pylist(), tbl["status"].to_pylist(),
-                               tbl["size_bytes"].to_pylist(), tbl["mtime_ns"].to_pylist()):
-        if st in SKIP_STATUSES:
-            idx[s] = (size, mt)
-    return idx
-
-
-def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str) -> int:
-    """Stream the rows of run_id in ds whose (source, run_id) is in latest into one Parquet
-    file at dest, batch by batch (memory: one record batch, whatever the table's size).
-    Returns the rows written (0: no file)."""
-    writer, n = None, 0
-    for batch in ds.to_batches(filter=pc.field("run_id") == run_id, batch_size=8192):
-        part = pa.Table.from_batches([batch])
-        part = part.set_column(part.schema.get_field_index("run_id"), "run_id",
-                               pc.cast(part["run_id"], pa.string()))
-        part = keep_latest(part, latest)  # a join cannot carry segments
-        part = part.select([c for c in part.column_names if c != "run_id"])
-        if part.num_rows == 0:
-            continue
-        if writer is None:
-            out.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            writer = pq.ParquetWriter(dest, part.schema, filesystem=out.fs, compression="zstd")
-        writer.write_table(part)
-        n += part.num_rows
-    if writer is not None:
-        writer.close()
-    return n
-
-
-def compact(out_uri: str, endpoint_url: str | None = None) -> str:
-    """Merge every committed run of OUT into one new run holding, per source, the rows of its
-    latest run (what read_faces/read_files return). The new run commits before the old ones
-    are removed, so readers always see one complete view. Returns a one-line summary."""
-    out = Output(out_uri, endpoint_url)
-    if not out.check_ours():  # raises ForeignOutputError for a folder fer-batch did not write
-        return f"{out.uri}: not a fer-batch output (new or empty folder), nothing to compact"
-    rid = new_run_id()
-    out.acquire(rid)
-    try:
-        out.recover()
-        old = out.committed_runs()
-        if len(old) < 2:
-            return f"{out.uri}: {len(old)} committed run(s), nothing to compact"
-        class_sets = {tuple(m.get("classes", ())) for m in old.values()}
-        if len(class_sets) > 1:
-            raise ValueError(f"{out.uri}: runs of models with different classes cannot be "
-                             "compacted into one table; compact into separate outputs")
-        latest = read_files(out, runs=old).select(["source", "run_id"])
-        stage = out.staging(rid)
-        rows = {}
-        for table in ("faces", "files", "tracks"):
-            if not out.exists(out.path(table)):
-                continue
-            ds = pds.dataset(out.path(table), filesystem=out.fs, format="parquet",
-                             partitioning="hive")
-            for old_id in old:
-                n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet")
-                if n:
-                    rows[table] = rows.get(table, 0) + n
-        out.write_json(f"{stage}/TRACKED.json", dict(note="compacted rows keep their track_id"))
-        last = old[list(old)[-1]]
-        manifest = dict(run_id=rid, started=now_iso(), finished=now_iso(), compacted_from=list(old),
-                        model_id=last.get("model_id"), classes=last.get("classes"),
-                        config=last.get("config"), rows=rows)
-        out.commit_or_set_aside(rid, manifest)
-        for old_id in old:  # manifest first: from here on the old run is invisible
-            out.fs.delete_file(out.path("_runs", f"{old_id}.json"))
-            for table in ("faces", "files", "tracks"):
-                p = out.path(table, f"run_id={old_id}")
-                if out.exists(p):
-                    out.fs.delete_dir(p)
-        return f"{out.uri}: compacted {len(old)} runs into run {rid} ({rows})"
-    finally:
-        out.release()

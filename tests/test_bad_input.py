@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import corpus
-from fer_batch import cli, decode, pipeline, runs
+from fer_batch import cli, decode, pipeline, readers
 from fer_batch.config import AnnotateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,8 @@ def run(ray_local, corpus_dir, random_checkpoint, tmp_path_factory):
 
     cfg = AnnotateConfig(sources=(str(root),), model=random_checkpoint, output=str(out))
     manifest = pipeline.run(cfg, progress=progress)
-    files = runs.read_files(str(out), as_pandas=True)
-    faces = runs.read_faces(str(out), as_pandas=True)
+    files = readers.read_files(str(out), as_pandas=True)
+    faces = readers.read_faces(str(out), as_pandas=True)
     rel = {str(root / k): k for k in cases}
     files["error"] = files["error"].fillna("")
     files["rel"] = files["source"].map(lambda s: rel.get(s, s))

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 import corpus
-from fer_batch import pipeline, runs
+from fer_batch import pipeline, readers
 from fer_batch.config import AnnotateConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,8 +76,8 @@ def _config(sources, checkpoint, out) -> AnnotateConfig:
 
 
 def _tables(out):
-    files = runs.read_files(str(out), as_pandas=True)[FILE_COLUMNS + ["seconds"]]
-    faces = runs.read_faces(str(out), as_pandas=True)
+    files = readers.read_files(str(out), as_pandas=True)[FILE_COLUMNS + ["seconds"]]
+    faces = readers.read_faces(str(out), as_pandas=True)
     return files, faces
 
 

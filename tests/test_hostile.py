@@ -301,8 +301,8 @@ def _commit_after_listing(hook):
 
 @pytest.mark.parametrize("table", ["faces", "tracks"])
 def test_readers_see_one_snapshot_when_a_commit_lands_mid_read(tmp_path, table):
-    from fer_batch import runs
-    read = dict(faces=runs.read_faces, tracks=runs.read_tracks)[table]
+    from fer_batch import readers, runs
+    read = dict(faces=readers.read_faces, tracks=readers.read_tracks)[table]
     root = tmp_path / "out"
     plain = committed_output(root, ["calm", "joy"], ["/data/v.mp4"], RID1)
     before = read(str(root)).num_rows

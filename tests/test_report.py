@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import shared
-from fer_batch import cli, report, runs, tracks
+from fer_batch import cli, readers, report, runs, tracks
 
 JAFFE = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
 VIDEO = ("videos", "intel_head-pose-face-detection-male.mp4")  # 5 s, one man, 13/13 frames
@@ -69,7 +69,7 @@ def annotated(ray_local, neutral_checkpoint, tmp_path_factory) -> Path:
 
 
 def test_faces_get_track_ids_and_tracks_keep_the_neutral_class(annotated):
-    faces = runs.read_faces(str(annotated))
+    faces = readers.read_faces(str(annotated))
     assert faces.schema.field("track_id").type.bit_width == 32
     assert "neutral" in faces.column_names
     video = faces.filter(pc.equal(faces["media_type"], "video"))
@@ -78,7 +78,7 @@ def test_faces_get_track_ids_and_tracks_keep_the_neutral_class(annotated):
     assert video["track_id"].null_count == 0 and image["track_id"].null_count == image.num_rows
     assert set(video["label"].to_pylist()) == {"neutral"}
 
-    trk = runs.read_tracks(str(annotated))
+    trk = readers.read_tracks(str(annotated))
     assert set(trk["source"].to_pylist()) == set(video["source"].to_pylist())
     assert sum(trk["faces"].to_pylist()) == video.num_rows
     assert sorted(set(video["track_id"].to_pylist())) == trk["track_id"].to_pylist()
@@ -211,8 +211,8 @@ def _expected(out_uri: str, labels, per_label: int):
     """What the report showed when it loaded every face into pandas (the code before the
     streaming passes), with ties broken by (source, frame_index, face_index)."""
     import pandas as pd
-    faces = runs.read_faces(out_uri, as_pandas=True)
-    trk = runs.read_tracks(out_uri, as_pandas=True)
+    faces = readers.read_faces(out_uri, as_pandas=True)
+    trk = readers.read_tracks(out_uri, as_pandas=True)
     picked = _reference_picks(faces, labels, per_label)
     videos = faces[faces["media_type"] == "video"]["source"].value_counts()
     return dict(faces=faces, tracks=trk, picked=picked, videos=videos,
@@ -300,18 +300,18 @@ def report_data_labels(classes, faces) -> list[str]:
 
 def test_report_data_streams_faces_in_batches_and_equals_full_tables(synthetic, monkeypatch):
     """Bounded memory, shown by construction: every face and track the report reads comes
-    through runs.iter_latest in batches of at most SMALL_BATCH rows and never with crops,
+    through readers.iter_latest in batches of at most SMALL_BATCH rows and never with crops,
     and what those batches add up to equals the computation on whole tables."""
     from fer_batch import report_data
     seen = []
-    streamed = runs.iter_latest
+    streamed = readers.iter_latest
 
     def spy(out, table, *, columns, **kw):
         for piece in streamed(out, table, columns=columns, **kw):
             seen.append((table, tuple(piece.column_names), piece.num_rows))
             yield piece
 
-    monkeypatch.setattr(runs, "iter_latest", spy)
+    monkeypatch.setattr(readers, "iter_latest", spy)
     d = report_data.load(synthetic, batch_rows=SMALL_BATCH)
     face_pieces = [n for t, _, n in seen if t == "faces"]
     assert d.faces > 40 * SMALL_BATCH and len(face_pieces) > 40

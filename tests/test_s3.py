@@ -29,7 +29,7 @@ import fer_batch.pipeline  # noqa: F401 (Ray, Ray Data, torch: imported at colle
 #   their import time is not counted as pre-flight time and their log handlers bind to
 #   the session's stderr, not to one test's captured stream)
 from conftest import encode_video, face_image, shared
-from fer_batch import cli, decode, runs, sink, sources
+from fer_batch import cli, decode, readers, runs, sink, sources
 from fer_batch.model import EMOTIONS
 from fer_batch.preprocess import FaceCropper
 from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port, set_test_user
@@ -353,11 +353,11 @@ def test_lock_staging_commit_and_recover_on_s3(s3, proxy):
                                    f"discarded staging of unfinished run {unfinished}",
                                    f"removed uncommitted faces/run_id={orphan}"])
     assert list(out.committed_runs()) == [ready]
-    files = runs.read_files(uri, as_pandas=True)
+    files = readers.read_files(uri, as_pandas=True)
     assert dict(zip(files["source"], files["run_id"])) == {"s3://a/y.jpg": ready}
-    faces = runs.read_faces(uri, as_pandas=True)
+    faces = readers.read_faces(uri, as_pandas=True)
     assert list(faces["source"]) == ["s3://a/y.jpg"] and list(faces["w"]) == [30]
-    assert runs.done_index(uri) == {"s3://a/y.jpg": (10, 5)}
+    assert readers.done_index(uri) == {"s3://a/y.jpg": (10, 5)}
     left = [o["Key"] for o in s3.list_objects_v2(Bucket=OUT, Prefix="protocol/")["Contents"]]
     assert not [k for k in left if "/_staging/" in k and not k.endswith("/")]
     assert not [k for k in left if unfinished in k or orphan in k]
@@ -429,7 +429,7 @@ def by_relative_key(table, prefix: str) -> dict:
 
 
 def test_s3_annotate_matches_local_face_for_face(annotated, archive):
-    faces = runs.read_faces(f"s3://{OUT}/run")
+    faces = readers.read_faces(f"s3://{OUT}/run")
     s3_rows = by_relative_key(faces, f"s3://{IN}/archive/")
     local_rows = by_relative_key(faces, f"{archive}/")
     assert len(local_rows) >= 5, "the photos and the clip hold several Haar-detectable faces"
@@ -444,7 +444,7 @@ def test_s3_annotate_matches_local_face_for_face(annotated, archive):
 
 
 def test_s3_annotate_has_one_file_row_per_object_with_errors_for_unreadable(annotated, archive):
-    files = runs.read_files(f"s3://{OUT}/run", as_pandas=True)
+    files = readers.read_files(f"s3://{OUT}/run", as_pandas=True)
 
     def rows(prefix):
         return {s[len(prefix):]: (st, n, e) for s, st, n, e in zip(
@@ -482,7 +482,7 @@ def test_s3_output_is_committed_and_clean(annotated, s3):
     assert "run/_lock" not in keys
     assert not [k for k in keys if "/_staging/" in k and not k.endswith("/")]
     assert f"run {run_id} committed" in annotated["log"]
-    done = runs.done_index(f"s3://{OUT}/run")
+    done = readers.done_index(f"s3://{OUT}/run")
     assert f"s3://{IN}/archive/videos/face clip.mp4" in done
 
 

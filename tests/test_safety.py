@@ -13,7 +13,7 @@ import pytest
 
 import corpus
 import fer_batch
-from fer_batch import cli, runs, sink, sources, tracks
+from fer_batch import cli, readers, runs, sink, sources, tracks
 from fer_batch.config import AnnotateConfig
 
 RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
@@ -94,12 +94,12 @@ def test_compact_refuses_a_folder_it_did_not_write(tmp_path):
     root = tmp_path / "documents"
     put_user_files(root)
     with pytest.raises(ValueError, match=str(root)) as refused:
-        runs.compact(str(root))
+        readers.compact(str(root))
     assert isinstance(refused.value, runs.ForeignOutputError)
     assert_user_files_intact(root)
     assert not (root / "_lock").exists() and not (root / runs.MARKER).exists()
     new = tmp_path / "new"
-    assert "nothing to compact" in runs.compact(str(new))
+    assert "nothing to compact" in readers.compact(str(new))
     assert not new.exists()  # compacting nothing creates nothing
 
 

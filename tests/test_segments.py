@@ -166,7 +166,7 @@ def test_fold_rows_gives_one_row_per_source_naming_the_failed_segment():
 def runs_split_and_whole(ray_local, random_checkpoint, tmp_path_factory):
     """The same archive annotated with 3 s segments and as one task per video."""
     import fer_batch
-    from fer_batch import cli, runs
+    from fer_batch import cli, readers
     root = tmp_path_factory.mktemp("archive")
     face = cv2.resize(face_image(), (240, 300), interpolation=cv2.INTER_AREA)[:180]
     # a face drifting right, 9 s at 10 fps: 3 segments of 3 s, one track across both borders
@@ -180,7 +180,7 @@ def runs_split_and_whole(ray_local, random_checkpoint, tmp_path_factory):
                          str(out), "--segment-seconds", seconds]) == 0
         outs[name] = (fer_batch.read_files(str(out), as_pandas=True),
                       fer_batch.read_faces(str(out), as_pandas=True),
-                      runs.read_tracks(str(out), as_pandas=True))
+                      readers.read_tracks(str(out), as_pandas=True))
     return outs
 
 

@@ -214,7 +214,7 @@ def test_uncertain_label_has_one_definition():
 def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
     # the real commit protocol on real Parquet: two staged parts, a stale half-written
     # faces.tracked/ from a commit that died before TRACKED.json, then roll-forward
-    from fer_batch import runs, sink
+    from fer_batch import readers, runs, sink
     a = moving("v.mp4", (50, 100), (20, 0), range(8), missing={3})
     b = moving("v.mp4", (600, 120), (-15, 5), range(8))
     rows = with_face_index(sorted(a + b, key=lambda r: r["frame"]))
@@ -234,7 +234,7 @@ def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
     (Path(stage) / "faces.tracked" / "part-a.parquet").write_bytes(b"half a file")
 
     assert out.recover() == [f"rolled forward the commit of run {rid}"]
-    got = runs.read_faces(out.uri)
+    got = readers.read_faces(out.uri)
     assert got.num_rows == len(rows)
     assert got.column_names == faces.column_names[:5] + ["track_id"] + \
         faces.column_names[5:] + ["run_id"]
@@ -242,14 +242,14 @@ def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
     assert video["track_id"].null_count == 0 and set(video["track_id"].to_pylist()) == {0, 1}
     assert got.filter(pc.equal(got["source"], "p.jpg"))["track_id"].to_pylist() == [None]
     assert sorted(got["crop_png"].to_pylist()) == sorted(faces["crop_png"].to_pylist())
-    trk = runs.read_tracks(out.uri)
+    trk = readers.read_tracks(out.uri)
     assert trk["faces"].to_pylist() == [7, 8] and trk["run_id"].to_pylist() == [rid, rid]
     assert not Path(stage).exists() and (tmp_path / "out" / "tracks" / f"run_id={rid}").is_dir()
 
 
 def test_compact_keeps_tracks_and_track_ids(tmp_path):
     # tracks carry a list column (segments), which Arrow's hash join cannot carry
-    from fer_batch import runs, sink
+    from fer_batch import readers, runs, sink
     out = runs.Output(str(tmp_path / "out"))
     for rid, src in (("20260101T000000Z-aaaaaa", "v.mp4"), ("20260102T000000Z-bbbbbb", "w.mp4")):
         faces = faces_table(with_face_index(moving(src, (50, 100), (20, 0), range(5))))
@@ -258,9 +258,9 @@ def test_compact_keeps_tracks_and_track_ids(tmp_path):
                                            size_bytes=1, mtime_ns=1)], "m0")
         sink.write_tables(out.fs, out.staging(rid), faces, files, name="a")
         out.commit(rid, dict(run_id=rid, classes=list(JAFFE), config={}))
-    before = runs.read_tracks(out.uri).drop_columns(["run_id"])
-    assert "compacted 2 runs" in runs.compact(out.uri)
-    after = runs.read_tracks(out.uri)
+    before = readers.read_tracks(out.uri).drop_columns(["run_id"])
+    assert "compacted 2 runs" in readers.compact(out.uri)
+    after = readers.read_tracks(out.uri)
     assert len(set(after["run_id"].to_pylist())) == 1
     assert after.drop_columns(["run_id"]).equals(before)
-    assert runs.read_faces(out.uri)["track_id"].to_pylist() == [0] * 10
+    assert readers.read_faces(out.uri)["track_id"].to_pylist() == [0] * 10
