@@ -145,6 +145,26 @@ def test_segment_bounds_lie_on_the_sampling_grid():
     assert segments.segment_bounds(4.6, segment_s=3, sample_fps=2, every_n=0) == [3]
 
 
+def test_a_segment_has_its_own_tries_and_a_partial_row_naming_it():
+    from fer_batch import preprocess
+    seg = dict(index=1, count=3, start_s=3.0, end_s=6.0, key_pts=20480, first_index=20)
+    whole = dict(uri="a.mp4", media_type="video", size_bytes=9, mtime_ns=1)
+    part = dict(whole, segment=seg)
+    assert segments.attempt_key(whole) == "a.mp4"
+    assert segments.attempt_key(part) == "a.mp4#segment=1"
+    row = preprocess.file_row(part, status="error", error="video stream damaged", frames=30,
+                              faces=2, seconds=1.0, face_size=48, channels=("equalized",))
+    assert (row["kind"][0], row["x"][0], row["y"][0]) == ("segment", 1, 3)
+    assert row["error"][0] == "segment 2 of 3 (3-6 s): video stream damaged"
+    batch = {k: np.concatenate([v, v]) for k, v in row.items()}
+    batch["kind"][0] = "file"  # a file row and a segment row in one stream batch
+    batch["model_id"] = np.array(["m", "m"], object)
+    staged = sink.segment_table(batch)
+    assert staged.schema == sink.SEGMENT_SCHEMA and staged.num_rows == 1
+    assert staged.to_pylist()[0]["segment"] == 1 and staged.to_pylist()[0]["segments"] == 3
+    assert sink.files_table(batch, batch["kind"] == "file").num_rows == 1
+
+
 def test_fold_rows_gives_one_row_per_source_naming_the_failed_segment():
     schema = sink.SEGMENT_SCHEMA
     rows = [dict(source="a.mp4", media_type="video", status="ok", error=None, size_bytes=9,
