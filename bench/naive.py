@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fer_batch import decode, preprocess, sources  # noqa: E402
+from fer_batch import decode, preprocess, sources, storage  # noqa: E402
 from fer_batch.infer import predict  # noqa: E402
 from fer_batch.sink import top_labels  # noqa: E402
 from fer_batch.model import load_checkpoint  # noqa: E402
@@ -102,14 +102,14 @@ def main(argv=None):
         uri = e["uri"]
         try:
             if e["media_type"] == "image":
-                gray = decode.decode_image(sources.read_bytes(uri))
+                gray = decode.decode_image(storage.read_bytes(uri))
                 clock.lap("image_decode")
                 b = faces_of(uri, 0, None, gray)
                 boxes_by_file[uri] = b.tolist()
                 n["images"] += 1
             else:
                 stats = decode.VideoStats()
-                with sources.open_input(uri) as f:
+                with storage.open_input(uri) as f:
                     it = decode.iter_frames(f, sample_fps=a.sample_fps, every_n=a.every_n_frames,
                                             stats=stats)
                     while True:

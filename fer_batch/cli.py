@@ -174,33 +174,33 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
     model and its class names, the sources, and an output folder that is new, empty or a
     fer-batch output. Raises an error whose one line names the problem and the fix.
     Returns the checkpoint's metadata (pipeline.run does not load it again)."""
-    from fer_batch import detect, pipeline, runs, sink, sources
+    from fer_batch import detect, pipeline, runs, sink, storage
     from fer_batch.model import load_checkpoint
     pipeline.check_config(cfg)
     detect.check_detector(cfg.detector)  # its weights and runtime are installed
     for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
                       (cfg.output, "output")]:
-        if sources.is_s3(uri):
-            sources.check_access(uri, cfg.endpoint_url, kind=kind)
+        if storage.is_s3(uri):
+            storage.check_access(uri, cfg.endpoint_url, kind=kind)
     _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
     sink.check_class_names(meta["classes"], cfg.model)
     for src in cfg.sources:
-        if not sources.is_s3(src):
-            sources.check_access(src, cfg.endpoint_url, kind="source")
+        if not storage.is_s3(src):
+            storage.check_access(src, cfg.endpoint_url, kind="source")
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
     return meta
 
 
 def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
-    from fer_batch import pipeline, runs, sink, sources
+    from fer_batch import pipeline, runs, sink, storage
     from fer_batch.model import CheckpointError
     # the endpoint resolved here so Ray workers on other nodes use the driver's; no signature
     # of a presigned SOURCE reaches config.json or the run manifest
-    cfg = dataclasses.replace(cfg, endpoint_url=sources.s3_endpoint(cfg.endpoint_url),
-                              sources=tuple(sources.strip_credentials(s) for s in cfg.sources))
+    cfg = dataclasses.replace(cfg, endpoint_url=storage.s3_endpoint(cfg.endpoint_url),
+                              sources=tuple(storage.strip_credentials(s) for s in cfg.sources))
     try:  # fail fast, before Ray starts: options, S3, bad model, no source, foreign output
         meta = check_annotate(cfg)
-    except (CheckpointError, sources.SourceError, pipeline.ConfigError, sink.ClassNameError,
+    except (CheckpointError, storage.SourceError, pipeline.ConfigError, sink.ClassNameError,
             runs.ForeignOutputError, OSError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -208,7 +208,7 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
         manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True), meta=meta)
-    except (runs.LockedError, runs.ForeignOutputError, sources.SourceError) as e:
+    except (runs.LockedError, runs.ForeignOutputError, storage.SourceError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except runs.CommitError as e:  # set aside under OUT/_failed: later runs are not held up

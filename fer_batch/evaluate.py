@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  # noqa: E402
 
 HEADLINE = ("accuracy", "macro_precision", "macro_recall", "macro_f1")  # the paper's Table II
-from fer_batch import sources  # noqa: E402
+from fer_batch import storage  # noqa: E402
 from fer_batch.config import ANNOTATE_DEFAULTS  # noqa: E402
 
 PREDICT_BATCH = ANNOTATE_DEFAULTS.batch_size  # faces per forward pass when scoring
@@ -224,6 +224,6 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     print(f"evaluate {data}: {format_metrics(metrics)}")
     print(format_confusion(metrics["confusion_matrix"], classes))
     if output:
-        with sources.local_output(output, endpoint_url) as out:
+        with storage.local_output(output, endpoint_url) as out:
             write_report(out, metrics, title=os.path.basename(os.path.normpath(data)))
     return metrics

@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from fer_batch import decode, preprocess, sources
+from fer_batch import decode, preprocess, sources, storage
 
 LABELS_FILE = "labels.csv"  # optional per-image metadata at the root of DATA (path, subject)
 
@@ -49,7 +49,7 @@ def list_labeled(data: str, endpoint_url: str | None = None):
     sorted canonical class names). Hidden files and non-images are ignored.
     """
     import pyarrow.fs as pafs
-    fs, root = sources.resolve(data, endpoint_url)
+    fs, root = storage.resolve(data, endpoint_url)
     root = root.rstrip("/")
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"labeled data {data}: not a folder")
@@ -103,7 +103,7 @@ def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = Non
     crops, ok, skipped = [], [], []
     for folder, rel in items:
         try:
-            gray = decode.decode_image(sources.read_bytes(f"{folder.rstrip('/')}/{rel}",
+            gray = decode.decode_image(storage.read_bytes(f"{folder.rstrip('/')}/{rel}",
                                                           endpoint_url))
             if detector is not None:
                 gray = preprocess.largest_face(gray, detector, margin=crop_margin, size=size)
@@ -125,7 +125,7 @@ def read_subjects(data: str, paths, column: str = "subject", pattern: str = r"^(
     for files with neither."""
     table = {}
     try:
-        text = sources.read_bytes(f"{data.rstrip('/')}/{LABELS_FILE}", endpoint_url).decode()
+        text = storage.read_bytes(f"{data.rstrip('/')}/{LABELS_FILE}", endpoint_url).decode()
         for row in csv.DictReader(io.StringIO(text)):
             if row.get("path") and row.get(column):
                 table[row["path"].replace("\\", "/").removeprefix("./")] = row[column]

@@ -281,7 +281,7 @@ def model_from_checkpoint(ckpt: dict, name: str = "checkpoint") -> FaceNet:
 def load_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[FaceNet, dict]:
     """Load model.pt (local or s3://). Returns (model in eval mode, checkpoint dict without
     the weights). Raises CheckpointError with the file name and the fix."""
-    from fer_batch import sources  # local import: model stays usable without pyarrow
+    from fer_batch import storage  # local import: model stays usable without pyarrow
     if path == DEFAULT_MODEL_NAME:
         if not os.path.isfile(DEFAULT_MODEL):
             raise CheckpointError(f"the default model {DEFAULT_MODEL} is missing from this "
@@ -289,7 +289,7 @@ def load_checkpoint(path: str, endpoint_url: str | None = None) -> tuple[FaceNet
                                   "pass --model PATH/model.pt")
         path = DEFAULT_MODEL
     try:
-        data = sources.read_bytes(path, endpoint_url)
+        data = storage.read_bytes(path, endpoint_url)
     except (FileNotFoundError, OSError) as e:
         raise CheckpointError(f"cannot read model {path}: {e}. Train one with "
                               "`fer-batch train DATA --output DIR` (writes DIR/model.pt).") from None

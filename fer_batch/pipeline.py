@@ -27,7 +27,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from fer_batch import readers, runs, segments, sink, sources
+from fer_batch import readers, runs, segments, sink, sources, storage
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
@@ -264,7 +264,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
                                      follow_symlinks=cfg.follow_symlinks)
         if cfg.limit:
             entries = entries[:cfg.limit]
-        bad_names = sum(not sources.utf8_name(e["uri"]) for e in entries)
+        bad_names = sum(not storage.utf8_name(e["uri"]) for e in entries)
         if bad_names:
             progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
                      "\\xNN escapes for the bad bytes (docs/output.md)")

@@ -19,7 +19,7 @@ import time
 import cv2
 import numpy as np
 
-from fer_batch import decode, segments, sink, sources
+from fer_batch import decode, segments, sink, storage
 from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
 # the detectors live in detect.py; these names stay importable from here (tests, bench/)
 from fer_batch.detect import (  # noqa: F401
@@ -258,12 +258,12 @@ class FaceCropper:
             return
         test_hooks(entry["uri"])
         try:
-            local = not sources.is_s3(entry["uri"])
+            local = not storage.is_s3(entry["uri"])
             if local and os.path.exists(entry["uri"]) and not os.path.isfile(entry["uri"]):
                 raise decode.DecodeError("not a regular file (folder, FIFO, socket or device): "
                                          "not read")  # opening a FIFO would block forever
             if entry["media_type"] == "image":
-                gray = decode.decode_image(sources.read_bytes(
+                gray = decode.decode_image(storage.read_bytes(
                     entry["uri"], self.endpoint_url, self.max_image_bytes), self.max_pixels)
                 boxes = self.detect(gray)
                 frames, faces = 1, len(boxes)
@@ -273,7 +273,7 @@ class FaceCropper:
                                     self.channels, self.face_size)
             else:
                 stats = decode.VideoStats()
-                with sources.open_input(entry["uri"], self.endpoint_url) as f:
+                with storage.open_input(entry["uri"], self.endpoint_url) as f:
                     for index, ts, gray in segments.iter_frames(
                             f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
                             max_pixels=self.max_pixels, stats=stats):
@@ -290,7 +290,7 @@ class FaceCropper:
                             found = []
                 if stats.error:
                     status, error = "error", stats.error
-        except (decode.DecodeError, sources.TooLargeError) as e:
+        except (decode.DecodeError, storage.TooLargeError) as e:
             status, error = "error", str(e)
         except FileNotFoundError as e:
             status, error = "error", ("file not found when read (deleted or moved after "

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from fer_batch import report_data, sources
+from fer_batch import report_data, storage
 from fer_batch.report_data import MAX_TABLE_ROWS, MAX_TIMELINES, ReportData
 from fer_batch.report_plots import (PNG_SOFTWARE, label_colors, mpl_text, plot_contact_sheet,
                                     plot_distribution, plot_sources, plot_timeline, png_bytes,
@@ -126,7 +126,7 @@ def write_report(out_uri: str, html_path: str | None = None,
     d = report_data.load(out_uri, endpoint_url)
     chosen = html_path is not None
     html_path = html_path or f"{out_uri.rstrip('/')}/report/index.html"
-    fs, path = sources.resolve(html_path, endpoint_url)
+    fs, path = storage.resolve(html_path, endpoint_url)
     folder = path.rsplit("/", 1)[0] if "/" in path else "."
     fs.create_dir(folder, recursive=True)
     pngs: dict[str, bytes] = {}  # figure file name -> PNG, filled by the sections

@@ -41,7 +41,7 @@ import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from fer_batch import sink, sources, tracks
+from fer_batch import sink, storage, tracks
 
 SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")  # new_run_id(); nothing else is ours
@@ -89,10 +89,10 @@ class Output:
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
         self.uri = uri.rstrip("/")
-        self.fs, self.root = sources.resolve(self.uri, endpoint_url)
+        self.fs, self.root = storage.resolve(self.uri, endpoint_url)
         self.root = self.root.rstrip("/")
         self.lock_owner: str | None = None  # owner_id of OUT/_lock once acquire() took it
-        self.is_local = not sources.is_s3(self.uri)  # local disk: O_EXCL and rename work
+        self.is_local = not storage.is_s3(self.uri)  # local disk: O_EXCL and rename work
 
     def path(self, *parts) -> str:
         return "/".join([self.root, *parts])

@@ -32,7 +32,7 @@ from fractions import Fraction
 import numpy as np
 import pyarrow as pa
 
-from fer_batch import decode, sink, sources
+from fer_batch import decode, sink, storage
 from fer_batch.config import ANNOTATE_DEFAULTS as _D
 
 SPLIT_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
@@ -151,7 +151,7 @@ def split_unit(row: dict, *, segment_s: float = _D.segment_seconds,
     if attempts is not None and attempts(key) > max_attempts:
         return [row]
     try:
-        with sources.open_input(entry["uri"], endpoint_url) as f:
+        with storage.open_input(entry["uri"], endpoint_url) as f:
             probe = probe_video(f, segment_s, max_pixels)
     except Exception:  # noqa: BLE001 - the cropper reports damaged files, in their one row
         probe = None

@@ -32,7 +32,7 @@ import time
 
 import numpy as np
 
-from fer_batch import labeled, preprocess, sources
+from fer_batch import labeled, preprocess, storage
 from fer_batch.config import TrainConfig
 from fer_batch.train_loop import class_weights, epoch_line, lr_at, train_loop_per_worker
 
@@ -142,7 +142,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    storage = cfg.storage_path or os.path.join(os.path.abspath(cfg.output), "_ray_train")
+    store = cfg.storage_path or os.path.join(os.path.abspath(cfg.output), "_ray_train")
     scaling_config, threads = scaling(cfg)
     config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
                   data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
@@ -158,7 +158,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
                               daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
-        run_config=RunConfig(storage_path=storage, name=name,
+        run_config=RunConfig(storage_path=store, name=name,
                              failure_config=FailureConfig(max_failures=MAX_FAILURES),
                              checkpoint_config=CheckpointConfig(num_to_keep=1)))
     shower.start()
@@ -169,10 +169,10 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
         shower.join(timeout=5)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if not sources.is_s3(storage):  # the run succeeded: model.pt replaces the ~300 MB state
-        shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
-        if os.path.isdir(storage) and not os.listdir(storage):
-            os.rmdir(storage)
+    if not storage.is_s3(store):  # the run succeeded: model.pt replaces the ~300 MB state
+        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+        if os.path.isdir(store) and not os.listdir(store):
+            os.rmdir(store)
     return state["model"], state["history"]
 
 
@@ -190,9 +190,9 @@ def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
                                  read_checkpoint)
     net = build_model(num_classes, in_channels, cfg.stem)
     source = DEFAULT_MODEL if cfg.pretrained == DEFAULT_MODEL_NAME else cfg.pretrained
-    if source != "imagenet" and os.path.isfile(source) or sources.is_s3(source):
+    if source != "imagenet" and os.path.isfile(source) or storage.is_s3(source):
         try:
-            ckpt = read_checkpoint(sources.read_bytes(source, cfg.endpoint_url), source)
+            ckpt = read_checkpoint(storage.read_bytes(source, cfg.endpoint_url), source)
         except CheckpointError as e:
             if "not a fer-batch checkpoint" not in str(e) and "unreadable" not in str(e):
                 raise RuntimeError(f"--pretrained {e}") from None  # ours, but damaged
@@ -233,7 +233,7 @@ def check_config(cfg: TrainConfig) -> dict:
     if not 0 <= cfg.crop_margin <= 1:
         raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
     lr_at(0, 1, cfg.lr, cfg.schedule)
-    if cfg.resume_from and not sources.is_s3(cfg.resume_from) and not os.path.isfile(
+    if cfg.resume_from and not storage.is_s3(cfg.resume_from) and not os.path.isfile(
             os.path.join(cfg.resume_from, "state.pt")):
         raise ValueError(f"--resume-from {cfg.resume_from}: no state.pt there; pass a "
                          "checkpoint_* folder from OUTPUT/_ray_train/<run>/")
@@ -372,7 +372,7 @@ def fit(cfg: TrainConfig, checked: dict | None = None) -> dict:
     """
     t_start = time.perf_counter()
     checked = checked if checked is not None else check_config(cfg)
-    with sources.local_output(cfg.output, cfg.endpoint_url) as out:
+    with storage.local_output(cfg.output, cfg.endpoint_url) as out:
         return _fit(dataclasses.replace(cfg, output=out), checked, t_start)
 
 

@@ -45,8 +45,8 @@ SERVER_MAIN = (  # moto_server, exiting when its stdin closes: it dies with the 
 def set_test_user(mp, moto: "MotoS3", endpoint: str, home) -> None:
     """The test user's AWS settings on a pytest MonkeyPatch: moto's keys, the endpoint, no
     real ~/.aws (files under home, absent), no instance metadata service."""
-    from fer_batch import sources
-    for k in (*sources.CREDENTIAL_VARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+    from fer_batch import storage
+    for k in (*storage.CREDENTIAL_VARS, "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
               "AWS_DEFAULT_REGION", "AWS_REGION"):
         mp.delenv(k, raising=False)
     mp.setenv("AWS_ACCESS_KEY_ID", moto.access_key)

@@ -335,8 +335,8 @@ SECRETS = ("deadbeefsecret", "AKIAEXAMPLE", "v2secret", "sastoken")
     ("/photos/a.jpg?size=large", "/photos/a.jpg?size=large"),  # a query without a secret
 ])
 def test_strip_credentials(uri, stored):
-    from fer_batch import sources
-    assert sources.strip_credentials(uri) == stored
+    from fer_batch import storage
+    assert storage.strip_credentials(uri) == stored
 
 
 def test_a_manifest_with_presigned_urls_stores_no_secret(tmp_path):
@@ -358,12 +358,12 @@ def test_a_manifest_with_presigned_urls_stores_no_secret(tmp_path):
 
 
 def test_a_presigned_source_argument_is_refused_without_its_secret(tmp_path):
-    from fer_batch import sources
-    with pytest.raises(sources.SourceError, match="is a URL") as e:
+    from fer_batch import sources, storage
+    with pytest.raises(storage.SourceError, match="is a URL") as e:
         sources.list_files([SIGNED])
     assert not any(s in str(e.value) for s in SECRETS)
-    with pytest.raises(sources.SourceError) as e:
-        sources.check_access(SIGNED)
+    with pytest.raises(storage.SourceError) as e:
+        storage.check_access(SIGNED)
     assert not any(s in str(e.value) for s in SECRETS)
 
 
@@ -570,7 +570,7 @@ def test_an_image_over_max_image_bytes_is_an_error_row_and_is_not_read(tmp_path,
     """Images are read whole: one over --max-image-bytes is refused from its size, before a
     byte is read, and the next file of the same task is processed normally."""
     import cv2
-    from fer_batch import preprocess, sources
+    from fer_batch import preprocess, storage
     big, small = tmp_path / "big.png", tmp_path / "small.png"
     noise = np.random.default_rng(0).integers(0, 255, (400, 400), np.uint8)
     big.write_bytes(cv2.imencode(".png", noise)[1].tobytes())
@@ -586,5 +586,5 @@ def test_an_image_over_max_image_bytes_is_an_error_row_and_is_not_read(tmp_path,
     assert "over the limit of" in rows["big.png"]["error"][0]
     assert "--max-image-bytes" in rows["big.png"]["error"][0]
     assert rows["small.png"]["status"][0] == "ok"
-    with pytest.raises(sources.TooLargeError, match="over the limit"):
-        sources.read_bytes(str(big), max_bytes=limit)
+    with pytest.raises(storage.TooLargeError, match="over the limit"):
+        storage.read_bytes(str(big), max_bytes=limit)

@@ -29,7 +29,7 @@ import fer_batch.pipeline  # noqa: F401 (Ray, Ray Data, torch: imported at colle
 #   their import time is not counted as pre-flight time and their log handlers bind to
 #   the session's stderr, not to one test's captured stream)
 from conftest import encode_video, face_image, shared
-from fer_batch import cli, decode, readers, runs, sink, sources
+from fer_batch import cli, decode, readers, runs, sink, sources, storage
 from fer_batch.model import EMOTIONS
 from fer_batch.preprocess import FaceCropper
 from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port, set_test_user
@@ -198,18 +198,18 @@ def test_video_streams_through_pyav_with_bounded_range_reads(s3, proxy, tmp_path
     uri = f"s3://{IN}/stream/noise clip.mp4"
     expected = [(i, t, g) for i, t, g in decode.iter_frames(str(local), every_n=1)]
 
-    with sources.open_input(uri) as f:
+    with storage.open_input(uri) as f:
         got = list(decode.iter_frames(f, every_n=1))
     gets = [r for r in proxy.for_key("stream/noise clip.mp4") if r.method == "GET"]
     assert [(i, t) for i, t, _ in got] == [(i, t) for i, t, _ in expected]
     assert all(np.array_equal(a[2], b[2]) for a, b in zip(got, expected))
     assert all(r.range and r.status == 206 for r in gets), "every read is a ranged GET"
-    assert max(r.body_bytes for r in gets) <= sources.S3_READ_MAX
+    assert max(r.body_bytes for r in gets) <= storage.S3_READ_MAX
     assert sum(r.body_bytes for r in gets) < 1.05 * size, "no byte is fetched twice"
     assert len(gets) < size / (64 * 1024), "reads are merged, not one GET per decoder read"
 
     proxy.clear()  # the first frame needs the header and the index, not the whole file
-    with sources.open_input(uri) as f:
+    with storage.open_input(uri) as f:
         frames = decode.iter_frames(f, every_n=1)
         first = next(frames)
         frames.close()
@@ -223,7 +223,7 @@ def test_transient_failures_are_retried_without_losing_bytes(s3, proxy, archive)
     want = (archive / key.removeprefix("archive/")).read_bytes()
     proxy.fail(key, "slowdown", "reset", methods=("HEAD",))
     proxy.fail(key, "slowdown", "reset", "truncate", methods=("GET",))
-    assert sources.read_bytes(f"s3://{IN}/{key}") == want
+    assert storage.read_bytes(f"s3://{IN}/{key}") == want
     seen = [(r.method, r.fault, r.status) for r in proxy.for_key(key)]
     assert seen == [("HEAD", "slowdown", 503), ("HEAD", "reset", 0), ("HEAD", None, 200),
                     ("GET", "slowdown", 503), ("GET", "reset", 0),
@@ -269,10 +269,10 @@ def test_profile_credentials_and_endpoint_precedence(s3, s3_env, monkeypatch, tm
         [f"s3://{IN}/creds/a.jpg"]
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", dead)  # --endpoint-url beats both
     assert len(sources.list_files([f"s3://{IN}/creds"], endpoint_url=proxy.endpoint)) == 1
-    assert "from shared-credentials-file" in sources.describe_credentials()
+    assert "from shared-credentials-file" in storage.describe_credentials()
     monkeypatch.setenv("AWS_PROFILE", "nobody")  # a profile that is not in the file
-    with pytest.raises(sources.SourceError, match="credential"):
-        sources.check_access(f"s3://{IN}/creds", proxy.endpoint)
+    with pytest.raises(storage.SourceError, match="credential"):
+        storage.check_access(f"s3://{IN}/creds", proxy.endpoint)
 
 
 PREFLIGHT_CASES = {  # name -> (environment changes, source, output, words in the message)

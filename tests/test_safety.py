@@ -13,7 +13,7 @@ import pytest
 
 import corpus
 import fer_batch
-from fer_batch import cli, readers, runs, sink, sources, tracks
+from fer_batch import cli, readers, runs, sink, sources, storage, tracks
 from fer_batch.config import AnnotateConfig
 
 RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
@@ -230,9 +230,9 @@ def test_names_that_are_not_utf8_are_read_and_stored_escaped(tmp_path):
     with open(raw, "wb") as f:
         f.write(b"bytes of the photo")
     (entry,) = sources.list_files([str(tmp_path)])
-    assert entry["status"] == "pending" and not sources.utf8_name(entry["uri"])
-    assert sources.read_bytes(entry["uri"]) == b"bytes of the photo"
-    with sources.open_input(entry["uri"]) as f:
+    assert entry["status"] == "pending" and not storage.utf8_name(entry["uri"])
+    assert storage.read_bytes(entry["uri"]) == b"bytes of the photo"
+    with storage.open_input(entry["uri"]) as f:
         assert f.read() == b"bytes of the photo"
     assert sink.safe_text(entry["uri"]) == f"{tmp_path}/caf\\xe9.jpg"
     tbl = sink.file_rows_table([dict(entry, status="error", error=f"bad {entry['uri']}")], "m")

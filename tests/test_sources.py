@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from fer_batch import sources
+from fer_batch import sources, storage
 
 
 def touch(path, data=b"x"):
@@ -51,7 +51,7 @@ def test_duplicate_sources_list_each_file_once(tmp_path):
 
 
 def test_missing_source_is_a_clear_error(tmp_path):
-    with pytest.raises(sources.SourceError, match="source not found"):
+    with pytest.raises(storage.SourceError, match="source not found"):
         sources.list_files([str(tmp_path / "nope")])
 
 
