@@ -92,11 +92,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default="fer-eval", help="folder for metrics.json and plots")
     p.add_argument("--endpoint-url", default=None, help="S3 endpoint for S3-compatible stores")
     p.add_argument("--detect-faces", action=argparse.BooleanOptionalAction, default=False,
-                   help="crop the largest Haar face of each image first (for full photos "
+                   help="crop the largest face of each image first (for full photos "
                    "such as JAFFE; off for ready-made crops such as CK+48)")
     p.add_argument("--crop-margin", type=float, default=None, help="margin around the Haar "
                    "box with --detect-faces, as a fraction of its side (default: the "
                    "checkpoint's, as annotate uses)")
+    p.add_argument("--detector", choices=("centerface", "haar"),
+                   default=AnnotateConfig.detector, help="face detector of --detect-faces "
+                   "(default: annotate's)")
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
                    default=AnnotateConfig.flip_average, help="average each face's "
                    "probabilities with its mirror image's, as annotate does")
@@ -249,7 +252,8 @@ def _small_command(args) -> int:
             metrics = evaluate.evaluate_folder(args.data, args.model, args.output,
                                                args.endpoint_url, detect_faces=args.detect_faces,
                                                crop_margin=args.crop_margin,
-                                               flip_average=args.flip_average)
+                                               flip_average=args.flip_average,
+                                               detector=args.detector)
             print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
         elif args.command == "report":
             print(report.write_report(args.output, args.html))

@@ -165,7 +165,8 @@ def match_classes(data_classes, model_classes) -> dict:
 def evaluate_folder(data: str, model_path: str, output: str | None = None,
                     endpoint_url: str | None = None, detect_faces: bool = False,
                     crop_margin: float | None = None,
-                    flip_average: bool = ANNOTATE_DEFAULTS.flip_average) -> dict:
+                    flip_average: bool = ANNOTATE_DEFAULTS.flip_average,
+                    detector: str = ANNOTATE_DEFAULTS.detector) -> dict:
     """Score a checkpoint on a labeled folder (one subfolder per class).
 
     Classes are matched by name. Images of classes the model lacks (e.g. JAFFE's
@@ -181,6 +182,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     detect_faces: crop the largest Haar face first (for full photos such as JAFFE), the way
         annotate crops it (labeled.load_faces).
     crop_margin: margin around the Haar box (None = the checkpoint's, as annotate uses).
+    detector: the face detector of --detect-faces (default: annotate's).
     flip_average: average with the mirror image, as annotate does by default (training's
         own test metrics do not: the paper's protocol).
 
@@ -209,7 +211,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     from fer_batch.console import progress_bar
     bar = progress_bar(len(keep), "loading faces", "image")
     faces, ok, skipped = labeled.load_faces([(data, paths[i]) for i in keep], detect_faces,
-                                            endpoint_url, channels, size, margin, bar.update)
+                                            endpoint_url, channels, size, margin, bar.update,
+                                            detector)
     bar.close()
     keep = [i for i, good in zip(keep, ok) if good]
     y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
@@ -220,7 +223,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
                    excluded_classes=excluded, missing_classes=match["model_only"],
                    skipped=skipped, detect_faces=detect_faces, crop_margin=margin,
-                   flip_average=flip_average)
+                   flip_average=flip_average, detector=detector if detect_faces else None)
     print(f"evaluate {data}: {format_metrics(metrics)}")
     print(format_confusion(metrics["confusion_matrix"], classes))
     if output:

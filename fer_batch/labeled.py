@@ -86,20 +86,20 @@ def list_many(folders, endpoint_url: str | None = None):
 
 def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = None,
                channels=preprocess.CHANNELS, size: int = preprocess.FACE_SIZE,
-               crop_margin: float = 0.0, progress=None):
+               crop_margin: float = 0.0, progress=None, detector: str = "haar"):
     """Decode and prepare labeled images: the same pixels ``annotate`` feeds the model.
 
-    items: (folder, relative path) pairs. With detect_faces the largest Haar face (annotate's
-    detector settings) is cut out by ``preprocess.crop_faces`` with crop_margin: the crop
+    items: (folder, relative path) pairs. With detect_faces the largest face found by
+    `detector` (haar: the paper's cascade, training's; centerface: annotate's default; both
+    with annotate's settings) is cut out by ``preprocess.crop_faces`` with crop_margin: the crop
     annotate makes of that face; the whole image when no face is found. Without it the
     image is taken as a ready-made face crop (CK+48, FER2013).
 
     Returns (faces np.ndarray shape = (n_ok, C, size, size) uint8, ok bool mask over items,
     skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
     """
-    # the paper's Haar cascade with annotate's settings: the crops a Haar-run annotate makes
-    # (CenterFace boxes are mapped to the same framing: detect.haar_framing)
-    detector = preprocess.load_detector("haar") if detect_faces else None
+    # CenterFace boxes are mapped to the Haar framing (detect.haar_framing): one crop_margin
+    detector = preprocess.load_detector(detector) if detect_faces else None
     crops, ok, skipped = [], [], []
     for folder, rel in items:
         try:
