@@ -246,9 +246,6 @@ class FaceCropper:
         after max_attempts (docs/failures.md).
         """
         t0 = time.perf_counter()
-        frames = faces = 0
-        status, error = "ok", None
-        stats, found = None, []
         key = segments.attempt_key(entry)  # a segment's tries count apart from the others
         tries = self.attempts(key) if self.attempts else 1
         if tries > self.max_attempts:  # earlier tries ended the worker (crash, hang, OOM kill)
@@ -257,61 +254,78 @@ class FaceCropper:
                 channels=self.channels)
             return
         test_hooks(entry["uri"])
+        done = dict(frames=0, faces=0, error=None)  # what the file row will say
         try:
-            local = not storage.is_s3(entry["uri"])
-            if local and os.path.exists(entry["uri"]) and not os.path.isfile(entry["uri"]):
+            uri = entry["uri"]
+            if not storage.is_s3(uri) and os.path.exists(uri) and not os.path.isfile(uri):
                 raise decode.DecodeError("not a regular file (folder, FIFO, socket or device): "
                                          "not read")  # opening a FIFO would block forever
             if entry["media_type"] == "image":
-                gray = decode.decode_image(storage.read_bytes(
-                    entry["uri"], self.endpoint_url, self.max_image_bytes), self.max_pixels)
-                boxes = self.detect(gray)
-                frames, faces = 1, len(boxes)
-                if faces:
-                    crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
-                    yield face_rows(entry["uri"], "image", [(0, None, crops, boxes)],
-                                    self.channels, self.face_size)
+                yield from self._image(entry, done)
             else:
-                stats = decode.VideoStats()
-                with storage.open_input(entry["uri"], self.endpoint_url) as f:
-                    for index, ts, gray in segments.iter_frames(
-                            f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
-                            max_pixels=self.max_pixels, stats=stats):
-                        if self.attempts is not None:
-                            self.attempts.alive()  # the watchdog's sign of progress
-                        boxes = self.detect(gray)
-                        if len(boxes):  # crop now: only 48x48 crops outlive the frame
-                            found.append((index, ts, crop_faces(gray, boxes, self.face_size, self.crop_margin),
-                                          boxes))
-                            faces += len(boxes)
-                        if len(found) >= FRAMES_PER_YIELD:
-                            yield face_rows(entry["uri"], "video", found, self.channels,
-                                            self.face_size)
-                            found = []
-                if stats.error:
-                    status, error = "error", stats.error
-        except (decode.DecodeError, storage.TooLargeError) as e:
-            status, error = "error", str(e)
-        except FileNotFoundError as e:
-            status, error = "error", ("file not found when read (deleted or moved after "
-                                      f"listing?): {e}")
-        except PermissionError as e:
-            status, error = "error", f"permission denied: {e}"
-        except OSError as e:
-            status, error = "error", f"cannot read file: {type(e).__name__}: {e}"
-        except MemoryError as e:
-            status, error = "error", ("out of memory while processing this file "
-                                      f"({type(e).__name__}: {e}); see --max-pixels")
-        except cv2.error as e:
-            status, error = "error", f"OpenCV error: {str(e).strip().splitlines()[-1]}"
-        except Exception as e:  # a bug or an unforeseen library error: this file, not the run
-            import logging
-            logging.getLogger(__name__).exception("unexpected error on %s", entry["uri"])
-            status, error = "error", f"unexpected {type(e).__name__}: {e}"
-        if found:  # faces of a video that broke off mid-batch
-            yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
-        if stats is not None:
-            frames = stats.frames_decoded
-        yield file_row(entry, status=status, error=(error or "")[:1000] or None, frames=frames,
-                       faces=faces, seconds=time.perf_counter() - t0,
+                yield from self._video(entry, done)
+        except Exception as e:  # noqa: BLE001 - one file's failure is its row, not the run's
+            done["error"] = error_message(e, entry["uri"])
+        yield file_row(entry, status="error" if done["error"] else "ok",
+                       error=(done["error"] or "")[:1000] or None, frames=done["frames"],
+                       faces=done["faces"], seconds=time.perf_counter() - t0,
                        face_size=self.face_size, channels=self.channels)
+
+    def _image(self, entry: dict, done: dict):
+        """Face rows of one image (none without faces); fills done's counts."""
+        gray = decode.decode_image(storage.read_bytes(entry["uri"], self.endpoint_url,
+                                                      self.max_image_bytes), self.max_pixels)
+        boxes = self.detect(gray)
+        done.update(frames=1, faces=len(boxes))
+        if len(boxes):
+            crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
+            yield face_rows(entry["uri"], "image", [(0, None, crops, boxes)], self.channels,
+                            self.face_size)
+
+    def _video(self, entry: dict, done: dict):
+        """Face rows of one video (or segment) every FRAMES_PER_YIELD sampled frames with
+        faces; a video that breaks off keeps the faces found before, and its error."""
+        stats, found = decode.VideoStats(), []
+        try:
+            with storage.open_input(entry["uri"], self.endpoint_url) as f:
+                for index, ts, gray in segments.iter_frames(
+                        f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
+                        max_pixels=self.max_pixels, stats=stats):
+                    if self.attempts is not None:
+                        self.attempts.alive()  # the watchdog's sign of progress
+                    boxes = self.detect(gray)
+                    if len(boxes):  # crop now: only 48x48 crops outlive the frame
+                        crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
+                        found.append((index, ts, crops, boxes))
+                        done["faces"] += len(boxes)
+                    if len(found) >= FRAMES_PER_YIELD:
+                        yield face_rows(entry["uri"], "video", found, self.channels,
+                                        self.face_size)
+                        found = []
+            done["error"] = stats.error
+        except Exception as e:  # noqa: BLE001 - the row says why; the faces found are kept
+            done["error"] = error_message(e, entry["uri"])
+        done["frames"] = stats.frames_decoded
+        if found:
+            yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
+
+
+def error_message(e: Exception, uri: str) -> str:
+    """The files row's error for an exception raised while reading, decoding or detecting in
+    uri: the cause in words, and the fix where there is one (docs/failures.md)."""
+    if isinstance(e, (decode.DecodeError, storage.TooLargeError)):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        return f"file not found when read (deleted or moved after listing?): {e}"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e}"
+    if isinstance(e, OSError):
+        return f"cannot read file: {type(e).__name__}: {e}"
+    if isinstance(e, MemoryError):
+        return (f"out of memory while processing this file ({type(e).__name__}: {e}); "
+                "see --max-pixels")
+    if isinstance(e, cv2.error):
+        return f"OpenCV error: {str(e).strip().splitlines()[-1]}"
+    import logging  # a bug or an unforeseen library error: this file, not the run
+    logging.getLogger(__name__).exception("unexpected error on %s", uri)
+    return f"unexpected {type(e).__name__}: {e}"

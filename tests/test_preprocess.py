@@ -1,11 +1,12 @@
 import cv2
 import numpy as np
 
-from conftest import face_image
+from conftest import drawn_face, face_image
 from fer_batch import preprocess as P
 
 
 def test_haar_finds_the_real_face_and_boxes_are_in_the_frame():
+    """A real photo (skips without ../shared); the other tests use conftest.drawn_face."""
     gray = face_image()
     cascade = P.load_cascade()
     boxes = P.detect_faces(gray, cascade, verifier=P.load_cascade(P.VERIFY_CASCADE_FILE))
@@ -17,7 +18,7 @@ def test_haar_finds_the_real_face_and_boxes_are_in_the_frame():
 
 
 def test_downscaled_detection_maps_boxes_back_to_original_pixels():
-    gray = cv2.resize(face_image(), None, fx=2, fy=2)
+    gray = cv2.resize(drawn_face(), None, fx=2, fy=2)
     cascade = P.load_cascade()
     full = P.detect_faces(gray, cascade)
     small = P.detect_faces(gray, cascade, max_side=max(gray.shape) // 2)
@@ -33,7 +34,7 @@ def test_no_face_in_a_blank_frame():
 
 
 def test_crop_and_prepare_shapes_and_channels():
-    gray = face_image()
+    gray = drawn_face()
     boxes = np.array([[10, 20, 100, 100], [0, 0, 31, 57]], np.int32)
     crops = P.crop_faces(gray, boxes)
     assert crops.shape == (2, 48, 48) and crops.dtype == np.uint8
@@ -46,7 +47,7 @@ def test_crop_and_prepare_shapes_and_channels():
 
 
 def test_face_cropper_emits_faces_then_exactly_one_file_row(tmp_path):
-    ok, jpg = cv2.imencode(".jpg", face_image())
+    ok, jpg = cv2.imencode(".jpg", drawn_face())
     path = tmp_path / "face.jpg"
     path.write_bytes(jpg.tobytes())
     entry = dict(uri=str(path), media_type="image", size_bytes=path.stat().st_size, mtime_ns=1)
