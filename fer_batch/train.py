@@ -188,7 +188,10 @@ def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
     from fer_batch.config import DEFAULT_MODEL, DEFAULT_MODEL_NAME
     from fer_batch.model import (CheckpointError, build_model, load_imagenet_weights,
                                  read_checkpoint)
-    net = build_model(num_classes, in_channels, cfg.stem)
+    import torch
+    with torch.random.fork_rng(devices=[]):  # the new classifier's weights: from --seed only
+        torch.manual_seed(cfg.seed)
+        net = build_model(num_classes, in_channels, cfg.stem)
     source = DEFAULT_MODEL if cfg.pretrained == DEFAULT_MODEL_NAME else cfg.pretrained
     if source != "imagenet" and os.path.isfile(source) or storage.is_s3(source):
         try:

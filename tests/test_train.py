@@ -275,3 +275,16 @@ def test_same_seed_same_machine_gives_the_same_model(trained, tmp_path):
     assert again["model_id"] == metrics["model_id"]
     assert again["confusion_matrix"] == metrics["confusion_matrix"]
     assert again["history"][0]["train_loss"] == metrics["history"][0]["train_loss"]
+
+
+def test_the_new_classifier_of_a_fine_tune_depends_on_the_seed_only(random_checkpoint):
+    """--pretrained keeps the backbone and draws a new classifier: from --seed, not from
+    whatever random numbers the process used before (make run repeats on one machine)."""
+    import torch
+    cfg = TrainConfig(pretrained=random_checkpoint, seed=3)
+    a = train.pretrained_state(cfg, 7, 1)
+    torch.rand(1000)  # other random draws in between change nothing
+    b = train.pretrained_state(cfg, 7, 1)
+    c = train.pretrained_state(dataclasses.replace(cfg, seed=4), 7, 1)
+    assert torch.equal(a["net.fc.weight"], b["net.fc.weight"])
+    assert not torch.equal(a["net.fc.weight"], c["net.fc.weight"])
