@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from fer_batch import decode, preprocess, sources, storage  # noqa: E402
+from fer_batch import decode, detect, preprocess, sources, storage  # noqa: E402
 from fer_batch.infer import predict  # noqa: E402
 from fer_batch.sink import top_labels  # noqa: E402
 from fer_batch.model import load_checkpoint  # noqa: E402
@@ -65,10 +65,10 @@ def main(argv=None):
     torch.set_num_threads(1)  # as FacePredictor does on CPU
     model, meta = load_checkpoint(a.model)
     model = model.eval().to(memory_format=torch.channels_last)  # as FacePredictor does
-    cascade = preprocess.load_cascade()
+    cascade = detect.load_cascade()
     kw = dict(scale_factor=a.scale_factor, min_neighbors=a.min_neighbors, min_face=a.min_face,
               max_side=a.detect_max_side,
-              verifier=preprocess.load_cascade(preprocess.VERIFY_CASCADE_FILE) if a.verify
+              verifier=detect.load_cascade(detect.VERIFY_CASCADE_FILE) if a.verify
               else None)
     channels, size = tuple(meta["input"]["channels"]), meta["input"]["size"]
     setup_s = time.perf_counter() - t_start
@@ -81,7 +81,7 @@ def main(argv=None):
     clock.lap("list")
 
     def faces_of(uri, index, ts, gray):
-        boxes = preprocess.detect_faces(gray, cascade, **kw)
+        boxes = detect.detect_faces(gray, cascade, **kw)
         clock.lap("detect")
         for k, box in enumerate(boxes):
             crop = preprocess.crop_faces(gray, box[None], size)

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common as C  # noqa: E402
-from fer_batch import decode, preprocess  # noqa: E402
+from fer_batch import decode, detect, preprocess  # noqa: E402
 from fer_batch.infer import predict  # noqa: E402
 from fer_batch.model import build_model  # noqa: E402
 
@@ -119,8 +119,8 @@ def frames_for_detection(per_video: int, quick: bool) -> list[tuple[str, np.ndar
 def detection(quick: bool) -> dict:
     """Per setting: CPU ms per frame (by resolution) and per photo, recall against the
     hand-labelled boxes, and the share of full-resolution (naive) detections found."""
-    cascade = preprocess.load_cascade()
-    verifier = preprocess.load_cascade(preprocess.VERIFY_CASCADE_FILE)
+    cascade = detect.load_cascade()
+    verifier = detect.load_cascade(detect.VERIFY_CASCADE_FILE)
     frames = frames_for_detection(1 if quick else 2, quick)
     gt = C.ground_truth()
     photos = [(p.name, decode.decode_image(p.read_bytes())) for p in C.media_files(C.PHOTOS)
@@ -135,7 +135,7 @@ def detection(quick: bool) -> dict:
         per_res: dict[str, list] = {}
         boxes = {}
         for key, g in frames + photos:
-            b, cpu = cpu_timed(preprocess.detect_faces, g, cascade, **kw)
+            b, cpu = cpu_timed(detect.detect_faces, g, cascade, **kw)
             boxes[key] = [tuple(x) for x in b.tolist()]
             kind = "photo" if "#" not in key else f"{g.shape[1]}x{g.shape[0]}"
             per_res.setdefault(kind, []).append(cpu)

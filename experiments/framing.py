@@ -16,7 +16,7 @@ import argparse
 import cv2
 import numpy as np
 
-from fer_batch import labeled, preprocess
+from fer_batch import detect, labeled
 
 UPSCALE = 4  # 48 -> 192 pixels: the cascade's 24 px window fits with room to slide
 
@@ -25,12 +25,12 @@ def framing(folder: str, step: int) -> dict:
     """Median Haar box (centre x, centre y, width, height as fractions of the crop) over
     every step-th image of folder, and the margin that makes the box the crop."""
     paths, _, _ = labeled.list_labeled(folder)
-    cascade, found = preprocess.load_cascade(), []
+    cascade, found = detect.load_cascade(), []
     for rel in paths[::step]:
         gray = cv2.imread(f"{folder}/{rel}", cv2.IMREAD_GRAYSCALE)
         side = gray.shape[0] * UPSCALE
         big = cv2.resize(gray, (side, side), interpolation=cv2.INTER_CUBIC)
-        boxes = preprocess.detect_faces(big, cascade, min_face=side // 3)
+        boxes = detect.detect_faces(big, cascade, min_face=side // 3)
         if len(boxes):
             x, y, w, h = boxes[np.argmax(boxes[:, 2])]
             found.append(((x + w / 2) / side, (y + h / 2) / side, w / side, h / side))

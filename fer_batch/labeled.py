@@ -16,7 +16,7 @@ import re
 
 import numpy as np
 
-from fer_batch import decode, preprocess, sources, storage
+from fer_batch import decode, detect, preprocess, sources, storage
 
 LABELS_FILE = "labels.csv"  # optional per-image metadata at the root of DATA (path, subject)
 
@@ -99,14 +99,14 @@ def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = Non
     skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
     """
     # CenterFace boxes are mapped to the Haar framing (detect.haar_framing): one crop_margin
-    detector = preprocess.load_detector(detector) if detect_faces else None
+    find = detect.load_detector(detector) if detect_faces else None
     crops, ok, skipped = [], [], []
     for folder, rel in items:
         try:
             gray = decode.decode_image(storage.read_bytes(f"{folder.rstrip('/')}/{rel}",
                                                           endpoint_url))
-            if detector is not None:
-                gray = preprocess.largest_face(gray, detector, margin=crop_margin, size=size)
+            if find is not None:
+                gray = preprocess.largest_face(gray, find, margin=crop_margin, size=size)
             crops.append(preprocess.prepare_faces(gray[None], channels, size)[0])
             ok.append(True)
         except (decode.DecodeError, OSError, ValueError) as e:

@@ -373,7 +373,7 @@ def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) ->
         by_uri.setdefault(segments.video_uri(row), []).append(row)
     out = []
     for unit in items:
-        rows = by_uri.get(segments.video_uri(unit)) if segments.video_uri(unit) else None
+        rows = by_uri.get(segments.video_uri(unit))
         out += sorted(rows, key=segments.unit_order) if rows else [unit]
     return out
 

@@ -21,9 +21,7 @@ import numpy as np
 
 from fer_batch import decode, segments, sink, storage
 from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
-# the detectors live in detect.py; these names stay importable from here (tests, bench/)
-from fer_batch.detect import (  # noqa: F401
-    CASCADE_FILE, VERIFY_CASCADE_FILE, detect_faces, load_cascade, load_detector)
+from fer_batch.detect import load_detector
 
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes prepare_faces can make

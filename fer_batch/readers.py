@@ -16,7 +16,9 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from fer_batch import sink
-from fer_batch.runs import SKIP_STATUSES, Output, new_run_id, now_iso
+from fer_batch.runs import Output, new_run_id, now_iso
+
+SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
 
 
 def _output(out, endpoint_url) -> Output:

@@ -43,7 +43,6 @@ import pyarrow.parquet as pq
 
 from fer_batch import sink, storage, tracks
 
-SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")  # new_run_id(); nothing else is ours
 MARKER = "_fer-batch.json"  # written into an output folder when fer-batch first uses it
 MARKER_FORMAT = "fer-batch-output/1"

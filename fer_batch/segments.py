@@ -138,7 +138,7 @@ def split_unit(row: dict, *, segment_s: float = _D.segment_seconds,
                sample_fps: float = _D.sample_fps, every_n: int = _D.every_n_frames,
                max_pixels: int = _D.max_pixels, endpoint_url: str | None = None,
                attempts=None, max_attempts: int = _D.max_file_retries + 1) -> list[dict]:
-    """Ray Data flat_map: a work unit (pipeline.work_units row) -> the same unit, or one unit
+    """A work unit (pipeline.work_units row) -> the same unit, or one unit
     per segment when it holds one video longer than segment_s. Never raises: a video that
     cannot be opened or split stays whole (FaceCropper then reports what is wrong with it).
     attempts: as FaceCropper's; a video whose probe killed the worker max_attempts times is

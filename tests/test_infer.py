@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from conftest import drawn_face
-from fer_batch import infer, preprocess, sink
+from fer_batch import detect, infer, preprocess, sink
 from fer_batch.model import load_checkpoint
 
 
 def faces_batch(n_faces: int) -> dict:
     """A stream batch as the croppers emit it: n_faces face rows, then one file row."""
     gray = drawn_face()
-    boxes = preprocess.detect_faces(gray, preprocess.load_cascade())[:1].repeat(n_faces, 0)
+    boxes = detect.detect_faces(gray, detect.load_cascade())[:1].repeat(n_faces, 0)
     crops = preprocess.prepare_faces(preprocess.crop_faces(gray, boxes, margin=0.1))
     kind = np.array(["face"] * n_faces + ["file"], object)
     face = np.concatenate([crops, np.zeros((1, 1, 48, 48), np.uint8)])

@@ -121,7 +121,7 @@ def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_check
                                                          tmp_path):
     """On the hand-labelled photos, the pipeline's defaults find at least 95% of the
     ground-truth faces that full-resolution Haar detection finds."""
-    from fer_batch import decode, preprocess as P
+    from fer_batch import decode, detect
     photos = shared("photos")
     truth = photo_truth()
     manifest = tmp_path / "list.txt"
@@ -129,11 +129,11 @@ def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_check
     assert cli.main(["annotate", str(manifest), "--model", random_checkpoint,
                      "--output", str(tmp_path / "o")]) == 0
     faces = fer_batch.read_faces(str(tmp_path / "o"), as_pandas=True)
-    cascade = P.load_cascade()
+    cascade = detect.load_cascade()
     full_hits = pipe_hits = 0
     for name, boxes in truth.items():
         gray = decode.decode_image((photos / name).read_bytes())
-        full = P.detect_faces(gray, cascade)
+        full = detect.detect_faces(gray, cascade)
         got = faces[faces["source"].str.endswith(name)][["x", "y", "w", "h"]].to_numpy()
         full_hits += truth_found(boxes, full)
         pipe_hits += truth_found(boxes, got)

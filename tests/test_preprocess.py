@@ -2,14 +2,14 @@ import cv2
 import numpy as np
 
 from conftest import drawn_face, face_image
-from fer_batch import preprocess as P
+from fer_batch import detect, preprocess as P
 
 
 def test_haar_finds_the_real_face_and_boxes_are_in_the_frame():
     """A real photo (skips without ../shared); the other tests use conftest.drawn_face."""
     gray = face_image()
-    cascade = P.load_cascade()
-    boxes = P.detect_faces(gray, cascade, verifier=P.load_cascade(P.VERIFY_CASCADE_FILE))
+    cascade = detect.load_cascade()
+    boxes = detect.detect_faces(gray, cascade, verifier=detect.load_cascade(detect.VERIFY_CASCADE_FILE))
     assert len(boxes) >= 1
     h, w = gray.shape
     assert boxes.dtype == np.int32 and boxes.shape[1] == 4
@@ -19,9 +19,9 @@ def test_haar_finds_the_real_face_and_boxes_are_in_the_frame():
 
 def test_downscaled_detection_maps_boxes_back_to_original_pixels():
     gray = cv2.resize(drawn_face(), None, fx=2, fy=2)
-    cascade = P.load_cascade()
-    full = P.detect_faces(gray, cascade)
-    small = P.detect_faces(gray, cascade, max_side=max(gray.shape) // 2)
+    cascade = detect.load_cascade()
+    full = detect.detect_faces(gray, cascade)
+    small = detect.detect_faces(gray, cascade, max_side=max(gray.shape) // 2)
     assert len(small) >= 1
     big = full[np.argmax(full[:, 2])]
     match = small[np.argmax(small[:, 2])]
@@ -30,7 +30,7 @@ def test_downscaled_detection_maps_boxes_back_to_original_pixels():
 
 
 def test_no_face_in_a_blank_frame():
-    assert len(P.detect_faces(np.full((240, 320), 128, np.uint8), P.load_cascade())) == 0
+    assert len(detect.detect_faces(np.full((240, 320), 128, np.uint8), detect.load_cascade())) == 0
 
 
 def test_crop_and_prepare_shapes_and_channels():
