@@ -414,7 +414,9 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
         raise DecodeError(stats.error)
 
 
-def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit, window):
+def _open_stream(container, max_pixels: int, logs, limit: dict):
+    """The container's first video stream, its decoder set up; refuses a file without video
+    and frames over max_pixels before any frame is decoded."""
     if not container.streams.video:
         audio = len(container.streams.audio)
         raise DecodeError(f"no video stream ({'audio only' if audio else 'data only'}: "
@@ -423,71 +425,104 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     cc = stream.codec_context
     cc.options = dict(limit)
     cc.thread_type, cc.thread_count = "AUTO", DECODE_THREADS
-    w, h = cc.width, cc.height
-    if w * h > max_pixels:
-        raise DecodeError(f"video frames are {w}x{h} pixels, over the limit of "
+    if cc.width * cc.height > max_pixels:
+        raise DecodeError(f"video frames are {cc.width}x{cc.height} pixels, over the limit of "
                           f"{max_pixels} (--max-pixels); refused before decoding")
     too_big = _limit_error(logs, max_pixels)  # probing already refused a frame
     if too_big:
         raise too_big
-    base = stream.time_base or Fraction(1, 1)
-    start = stream.start_time or 0
-    step = 1.0 / sample_fps if sample_fps > 0 else 0.0
-    next_t, last_t, run, first_bad = 0.0, None, 0, None
-    index = -1
-    if window is not None:  # one segment (segments.py): index and sampler at its start
-        index, next_t = window.start(container, stream)
-    try:
-        for packet in container.demux(stream):
-            if len(logs) > 64:  # keep the log of a long, noisy video bounded
-                del logs[:-16]
+    return stream
+
+
+class _Sampler:
+    """Which decoded frames to keep: every n-th, or the first at or after each 1/fps tick."""
+
+    def __init__(self, sample_fps: float, every_n: int, next_t: float = 0.0):
+        self.step = 1.0 / sample_fps if sample_fps > 0 else 0.0
+        self.every_n, self.next_t = every_n, next_t
+
+    def keep(self, index: int, t: float) -> bool:
+        if self.every_n:
+            return index % self.every_n == 0
+        if t + 1e-6 < self.next_t:
+            return False
+        self.next_t = (int(t / self.step + 1e-6) + 1) * self.step if self.step else 0.0
+        return True
+
+
+class _Packets:
+    """The stream's decoded frames, packet by packet, skipping undecodable packets (counted
+    in stats; more than MAX_BAD_PACKETS in a row gives the file up)."""
+
+    def __init__(self, container, stream, stats: VideoStats, logs, max_pixels: int):
+        self.container, self.stream, self.stats = container, stream, stats
+        self.logs, self.max_pixels = logs, max_pixels
+        self.first_bad: str | None = None
+
+    def frames(self) -> Iterator[av.VideoFrame]:
+        run = 0
+        for packet in self.container.demux(self.stream):
+            if len(self.logs) > 64:  # keep the log of a long, noisy video bounded
+                del self.logs[:-16]
             try:
                 frames = packet.decode()
             except (av.FFmpegError, ValueError) as e:
-                too_big = _limit_error(logs, max_pixels)
-                if too_big:
-                    raise too_big from None
-                if getattr(e, "errno", None) == errno.ENOMEM:  # the worker is short, not the file
-                    raise MemoryError(f"FFmpeg could not allocate a frame: "
-                                      f"{_ffmpeg_reason(logs[-5:], e)}") from None
-                stats.bad_packets += 1
                 run += 1
-                if first_bad is None:
-                    first_bad = f"{_ffmpeg_reason(logs[-5:], e)} near frame {index + 1}"
-                if run > MAX_BAD_PACKETS:
-                    stats.error = (f"gave up after {run} undecodable packets in a row "
-                                   f"(first: {first_bad})")
-                    break
+                if not self._skip(e, run):
+                    return
                 continue
             run = 0
-            for frame in frames:
-                pts = frame.pts if frame.pts is not None else frame.dts
-                if window is not None and window.skip(pts):  # before the segment's keyframe
-                    continue
-                index += 1
-                stats.frames_decoded = index + 1
-                t = float((pts - start) * base) if pts is not None else index * step
-                last_t = t
-                if window is not None and not window.holds(t):
-                    if window.ended:
-                        break
-                    continue
-                if every_n:
-                    keep = index % every_n == 0
-                else:
-                    keep = t + 1e-6 >= next_t
-                    if keep:
-                        next_t = (int(t / step + 1e-6) + 1) * step if step else 0.0
-                if not keep:
-                    continue
-                if frame.width * frame.height > max_pixels:
-                    raise DecodeError(f"frame {index} is {frame.width}x{frame.height} pixels, "
-                                      f"over the limit of {max_pixels} (--max-pixels)")
-                gray = frame.to_ndarray(format="gray")
-                stats.frames_sampled += 1
-                yield index, round(t, 6), rotate(gray, _rotation(frame))
-            if window is not None and window.ended:
-                break
+            yield from frames
+
+    def _skip(self, e: Exception, run: int) -> bool:
+        """Count an undecodable packet; False once the file is given up. Raises for what is
+        not the file's fault (over --max-pixels, out of memory)."""
+        too_big = _limit_error(self.logs, self.max_pixels)
+        if too_big:
+            raise too_big from None
+        if getattr(e, "errno", None) == errno.ENOMEM:  # the worker is short, not the file
+            raise MemoryError(f"FFmpeg could not allocate a frame: "
+                              f"{_ffmpeg_reason(self.logs[-5:], e)}") from None
+        self.stats.bad_packets += 1
+        if self.first_bad is None:
+            self.first_bad = (f"{_ffmpeg_reason(self.logs[-5:], e)} near frame "
+                              f"{self.stats.frames_decoded}")
+        if run > MAX_BAD_PACKETS:
+            self.stats.error = (f"gave up after {run} undecodable packets in a row "
+                                f"(first: {self.first_bad})")
+            return False
+        return True
+
+
+def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit, window):
+    stream = _open_stream(container, max_pixels, logs, limit)
+    base = stream.time_base or Fraction(1, 1)
+    start = stream.start_time or 0
+    sampler = _Sampler(sample_fps, every_n)
+    index, last_t = -1, None
+    if window is not None:  # one segment (segments.py): index and sampler at its start
+        index, sampler.next_t = window.start(container, stream)
+    packets = _Packets(container, stream, stats, logs, max_pixels)
+    try:
+        for frame in packets.frames():
+            pts = frame.pts if frame.pts is not None else frame.dts
+            if window is not None and window.skip(pts):  # before the segment's keyframe
+                continue
+            index += 1
+            stats.frames_decoded = index + 1
+            t = float((pts - start) * base) if pts is not None else index * sampler.step
+            last_t = t
+            if window is not None and not window.holds(t):
+                if window.ended:
+                    break
+                continue
+            if not sampler.keep(index, t):
+                continue
+            if frame.width * frame.height > max_pixels:
+                raise DecodeError(f"frame {index} is {frame.width}x{frame.height} pixels, "
+                                  f"over the limit of {max_pixels} (--max-pixels)")
+            stats.frames_sampled += 1
+            yield index, round(t, 6), rotate(frame.to_ndarray(format="gray"), _rotation(frame))
     except (av.FFmpegError, OSError) as e:  # the container itself broke off
         stats.error = (f"video stream damaged after {stats.frames_decoded} decoded frames: "
                        f"{_ffmpeg_reason(logs[-5:], e)}")
@@ -496,7 +531,13 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
         # (when the last reference goes, GIL held) waits for them, and a thread that is logging
         # an error waits for the GIL in PyAV's log callback: without this, a video that broke
         # off mid-decode (out of memory, say) could hang the worker for good.
-        cc.flush_buffers()
+        stream.codec_context.flush_buffers()
+    stats.error = _verdict(stats, stream, container, window, last_t, packets.first_bad)
+
+
+def _verdict(stats: VideoStats, stream, container, window, last_t: float | None,
+             first_bad: str | None) -> str | None:
+    """Everything wrong with a decoded video, in one message, or None."""
     problems = [stats.error] if stats.error else []
     if not stats.error and (window is None or window.last):  # a segment ends before the end
         if stats.frames_decoded == 0:
@@ -509,4 +550,4 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     if stats.bad_packets and not (stats.error or "").startswith("gave up"):
         problems.append(f"skipped {stats.bad_packets} undecodable packet(s) (first: "
                         f"{first_bad})")
-    stats.error = "; ".join(problems) or None
+    return "; ".join(problems) or None
