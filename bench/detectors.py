@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common as C  # noqa: E402
 from fer_batch import decode, detect  # noqa: E402
-from fer_batch.config import ANNOTATE_DEFAULTS as D  # noqa: E402
+from fer_batch.config import ANNOTATE_DEFAULTS as D, DetectorSettings  # noqa: E402
 
 NO_FACE_CLIPS = ("noface_intel_bottle-detection.mp4", "noface_intel_car-detection.mp4")
 DOG_PHOTO = "noface_dlib_dogs.jpg"
@@ -62,7 +62,7 @@ QUICK = ("haar 1280 sf1.1 (default before)", "haar 960 sf1.2", "centerface 640 t
 def build(label: str):
     """gray (h, w) uint8 -> boxes, for one row of SETTINGS."""
     name, kw, min_share = SETTINGS[label]
-    det = detect.load_detector(name, **kw)
+    det = detect.load_detector(DetectorSettings(detector=name, **kw))
     if not min_share:
         return det
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch

@@ -8,7 +8,7 @@ and into every checkpoint, so a run can always be explained and repeated.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
 import os
@@ -221,3 +221,23 @@ class TrainConfig:
 # notebooks): `FaceCropper()` behaves like `fer-batch annotate` without flags.
 ANNOTATE_DEFAULTS = AnnotateConfig()
 TRAIN_DEFAULTS = TrainConfig()
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """--detector and its settings (AnnotateConfig's detection options) as one value, for
+    detect.load_detector and FaceCropper: ``DetectorSettings.of(cfg)`` reads them off a
+    config, ``DetectorSettings()`` is the CLI's defaults."""
+    detector: str = ANNOTATE_DEFAULTS.detector
+    centerface_max_side: int = ANNOTATE_DEFAULTS.centerface_max_side
+    centerface_threshold: float = ANNOTATE_DEFAULTS.centerface_threshold
+    detect_max_side: int = ANNOTATE_DEFAULTS.detect_max_side
+    scale_factor: float = ANNOTATE_DEFAULTS.scale_factor
+    min_neighbors: int = ANNOTATE_DEFAULTS.min_neighbors
+    min_face: int = ANNOTATE_DEFAULTS.min_face
+    verify: bool = ANNOTATE_DEFAULTS.verify
+
+    @classmethod
+    def of(cls, cfg, **changes) -> "DetectorSettings":
+        """The detection options of cfg (an AnnotateConfig), with changes applied."""
+        return replace(cls(**{f.name: getattr(cfg, f.name) for f in fields(cls)}), **changes)

@@ -26,7 +26,7 @@ import os
 import cv2
 import numpy as np
 
-from fer_batch.config import ANNOTATE_DEFAULTS as _D
+from fer_batch.config import ANNOTATE_DEFAULTS as _D, DetectorSettings
 
 DETECTORS = ("haar", "centerface")  # --detector choices
 
@@ -142,9 +142,8 @@ class HaarDetector:
 
     name = "haar"
 
-    def __init__(self, *, scale_factor: float = _D.scale_factor,
-                 min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
-                 max_side: int = _D.detect_max_side, verify: bool = _D.verify):
+    def __init__(self, *, scale_factor: float, min_neighbors: int, min_face: int,
+                 max_side: int, verify: bool):  # load_detector passes the settings
         self.cascade = load_cascade()
         self.kw = dict(scale_factor=scale_factor, min_neighbors=min_neighbors,
                        min_face=min_face, max_side=max_side,
@@ -299,9 +298,8 @@ class CenterFaceDetector:
 
     name = "centerface"
 
-    def __init__(self, *, max_side: int = _D.centerface_max_side,
-                 threshold: float = _D.centerface_threshold, min_face: int = _D.min_face,
-                 path: str | None = None):
+    def __init__(self, *, max_side: int, threshold: float, min_face: int,
+                 path: str | None = None):  # load_detector passes the settings
         self.session = load_centerface(path)
         self.kw = dict(max_side=max_side, threshold=threshold, min_face=min_face)
 
@@ -309,22 +307,19 @@ class CenterFaceDetector:
         return detect_centerface(gray, self.session, **self.kw)
 
 
-def load_detector(detector: str = _D.detector, *, scale_factor: float = _D.scale_factor,
-                  min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
-                  detect_max_side: int = _D.detect_max_side, verify: bool = _D.verify,
-                  centerface_max_side: int = _D.centerface_max_side,
-                  centerface_threshold: float = _D.centerface_threshold):
-    """The detector named by --detector with annotate's settings (the CLI's by default):
-    a callable gray (h, w) uint8 -> boxes (n, 4) int32. Raises DetectorUnavailable (the
-    message names the fix) when its weights or runtime are missing, ValueError for a name
-    not in DETECTORS."""
-    if detector == "haar":
-        return HaarDetector(scale_factor=scale_factor, min_neighbors=min_neighbors,
-                            min_face=min_face, max_side=detect_max_side, verify=verify)
-    if detector == "centerface":
-        return CenterFaceDetector(max_side=centerface_max_side, threshold=centerface_threshold,
-                                  min_face=min_face)
-    raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
+def load_detector(settings: DetectorSettings | str = DetectorSettings()):
+    """The detector of --detector with its settings (config.DetectorSettings; a name alone
+    takes the CLI's settings): a callable gray (h, w) uint8 -> boxes (n, 4) int32. Raises
+    DetectorUnavailable (the message names the fix) when its weights or runtime are missing,
+    ValueError for a name not in DETECTORS."""
+    s = DetectorSettings(detector=settings) if isinstance(settings, str) else settings
+    if s.detector == "haar":
+        return HaarDetector(scale_factor=s.scale_factor, min_neighbors=s.min_neighbors,
+                            min_face=s.min_face, max_side=s.detect_max_side, verify=s.verify)
+    if s.detector == "centerface":
+        return CenterFaceDetector(max_side=s.centerface_max_side,
+                                  threshold=s.centerface_threshold, min_face=s.min_face)
+    raise ValueError(f"unknown detector {s.detector!r}; choose one of {', '.join(DETECTORS)}")
 
 
 def check_detector(detector: str) -> None:

@@ -28,7 +28,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from fer_batch import readers, runs, segments, sink, sources, storage
-from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig
+from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
 from fer_batch.preprocess import FaceCropper
@@ -325,11 +325,8 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 crop_margin=spec["crop_margin"],
-                sample_fps=cfg.sample_fps, every_n_frames=every_n, detector=cfg.detector,
-                centerface_max_side=cfg.centerface_max_side,
-                centerface_threshold=cfg.centerface_threshold,
-                detect_max_side=cfg.detect_max_side, scale_factor=cfg.scale_factor,
-                min_neighbors=cfg.min_neighbors, min_face=cfg.min_face, verify=cfg.verify,
+                detection=DetectorSettings.of(cfg), sample_fps=cfg.sample_fps,
+                every_n_frames=every_n,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
                 max_image_bytes=cfg.max_image_bytes,
                 attempts=AttemptCounter(ledger, cfg.stall_timeout_s),

@@ -20,7 +20,8 @@ import cv2
 import numpy as np
 
 from fer_batch import decode, segments, sink, storage
-from fer_batch.config import ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS
+from fer_batch.config import (ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS,
+                              DetectorSettings)
 from fer_batch.detect import load_detector
 
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
@@ -183,22 +184,15 @@ class FaceCropper:
     """
 
     def __init__(self, *, face_size: int = FACE_SIZE, channels=CHANNELS,
+                 detection: DetectorSettings = DetectorSettings(),
                  sample_fps: float = _D.sample_fps, every_n_frames: int = _D.every_n_frames,
-                 detect_max_side: int = _D.detect_max_side, scale_factor: float = _D.scale_factor,
-                 min_neighbors: int = _D.min_neighbors, min_face: int = _D.min_face,
                  max_pixels: int = _D.max_pixels, max_image_bytes: int = _D.max_image_bytes,
-                 endpoint_url: str | None = None,
-                 verify: bool = _D.verify, attempts=None,
+                 endpoint_url: str | None = None, attempts=None,
                  max_attempts: int = _D.max_file_retries + 1,
-                 crop_margin: float = TRAIN_DEFAULTS.crop_margin, detector: str = _D.detector,
-                 centerface_max_side: int = _D.centerface_max_side,
-                 centerface_threshold: float = _D.centerface_threshold):
+                 crop_margin: float = TRAIN_DEFAULTS.crop_margin):
         """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
-        self.detect = load_detector(  # gray (h, w) uint8 -> boxes (n, 4) int32
-            detector, scale_factor=scale_factor, min_neighbors=min_neighbors, min_face=min_face,
-            detect_max_side=detect_max_side, verify=verify,
-            centerface_max_side=centerface_max_side, centerface_threshold=centerface_threshold)
+        self.detect = load_detector(detection)  # gray (h, w) uint8 -> boxes (n, 4) int32
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fer_batch.config import ANNOTATE_DEFAULTS
-from fer_batch.sink import UNCERTAIN, top_labels
+from fer_batch.sink import top_labels
 
 IOU_THRESHOLD = ANNOTATE_DEFAULTS.track_iou_threshold  # SORT's 0.3 (Bewley et al. 2016)
 MAX_GAP_S = ANNOTATE_DEFAULTS.track_max_gap_s  # 3 missed frames at the default 2 fps

@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 
 from fer_batch import cli, decode, detect, evaluate, pipeline, preprocess, tracks
-from fer_batch.config import AnnotateConfig, TrainConfig
+from fer_batch.config import AnnotateConfig, DetectorSettings, TrainConfig
 
 
 def parsed(*argv):
@@ -27,14 +27,15 @@ def test_stages_built_without_arguments_match_the_cli():
     assert (c.sample_fps, c.every_n, c.max_pixels) == (cfg.sample_fps, cfg.every_n_frames,
                                                       cfg.max_pixels)
     assert c.detect.name == cfg.detector
-    haar = detect.HaarDetector()  # the Haar settings, whichever detector is the default
+    assert DetectorSettings() == DetectorSettings.of(cfg)
+    haar = detect.load_detector("haar")  # the Haar settings, whichever detector is the default
     assert haar.kw["max_side"] == cfg.detect_max_side
     assert (haar.kw["scale_factor"], haar.kw["min_neighbors"],
             haar.kw["min_face"]) == (cfg.scale_factor, cfg.min_neighbors, cfg.min_face)
     assert (haar.kw["verifier"] is not None) == cfg.verify
-    cf = inspect.signature(detect.CenterFaceDetector.__init__).parameters
-    assert (cf["max_side"].default, cf["threshold"].default, cf["min_face"].default) == (
-        cfg.centerface_max_side, cfg.centerface_threshold, cfg.min_face)
+    cf = detect.load_detector("centerface")
+    assert cf.kw == dict(max_side=cfg.centerface_max_side, threshold=cfg.centerface_threshold,
+                         min_face=cfg.min_face)
     assert c.max_attempts == cfg.max_file_retries + 1
     assert c.crop_margin == TrainConfig().crop_margin
     assert decode.MAX_PIXELS == cfg.max_pixels

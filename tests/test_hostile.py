@@ -200,7 +200,6 @@ def test_mpl_text_renders_exactly_the_plain_string():
 
 
 def test_report_html_never_replaces_a_users_files(tmp_path, capsys):
-    from fer_batch import report
     committed_output(tmp_path / "out", ["calm", "joy"], ["/data/v.mp4"], RID1)
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import face_image
 from fer_batch import labeled, preprocess
-from fer_batch.config import AnnotateConfig
+from fer_batch.config import DetectorSettings
 
 
 @pytest.mark.parametrize("folder, name", [
@@ -61,11 +61,8 @@ def test_training_and_annotation_crop_a_face_identically(tmp_path, margin):
     (tmp_path / "happy").mkdir()
     path = tmp_path / "happy" / "face.jpg"
     path.write_bytes(jpg.tobytes())
-    d = AnnotateConfig()
-    cropper = preprocess.FaceCropper(
-        detector="haar", detect_max_side=d.detect_max_side, scale_factor=d.scale_factor,
-        min_neighbors=d.min_neighbors, min_face=d.min_face, verify=d.verify,
-        crop_margin=margin)
+    cropper = preprocess.FaceCropper(detection=DetectorSettings(detector="haar"),
+                                     crop_margin=margin)
     entry = dict(uri=str(path), media_type="image", size_bytes=path.stat().st_size, mtime_ns=1)
     batches = [b for b in cropper.process(entry) if "face" in b]
     annotated = np.concatenate([b["face"][np.asarray(b["kind"]) == "face"] for b in batches])

@@ -1,6 +1,4 @@
-import io
 import os
-import pickle
 
 import numpy as np
 import pytest

@@ -31,6 +31,7 @@ import fer_batch.pipeline  # noqa: F401 (Ray, Ray Data, torch: imported at colle
 from conftest import encode_video, face_image, shared
 from fer_batch import cli, decode, readers, runs, sink, sources, storage
 from fer_batch.model import EMOTIONS
+from fer_batch.config import DetectorSettings
 from fer_batch.preprocess import FaceCropper
 from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port, set_test_user
 
@@ -240,7 +241,7 @@ def test_unreadable_objects_become_error_rows(s3, proxy, archive):
                   Body=(archive / "videos/truncated.mp4").read_bytes())
     entries = {e["uri"].rsplit("/", 1)[1]: e for e in sources.list_files([f"s3://{IN}/bad"])}
     s3.delete_object(Bucket=IN, Key="bad/deleted.mp4")
-    cropper = FaceCropper(verify=False)
+    cropper = FaceCropper(detection=DetectorSettings(verify=False))
     rows = {name: list(cropper.process(e))[-1] for name, e in entries.items()}
     status = {name: (r["status"][0], r["error"][0]) for name, r in rows.items()}
     assert status["ok.jpg"] == ("ok", "")
