@@ -14,7 +14,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from fer_batch import tracks
+from fer_batch import sink, tracks
 from fer_batch.report_data import CONTACT_PER_LABEL, Timeline
 
 MAX_SOURCES = 40  # sources in the per-source chart, most faces first
@@ -29,7 +29,7 @@ def label_colors(labels) -> dict[str, str]:
     cmap = colormaps["tab10" if len(labels) <= 10 else "tab20"]
     colors, k = {}, 0
     for lab in labels:
-        if lab == tracks.UNCERTAIN:
+        if lab == sink.UNCERTAIN:
             colors[lab] = UNCERTAIN_COLOR
         else:
             colors[lab] = "#%02x%02x%02x" % tuple(int(255 * v) for v in cmap(k)[:3])

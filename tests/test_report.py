@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import shared
-from fer_batch import cli, readers, report, runs, tracks
+from fer_batch import cli, readers, report, runs, sink, tracks
 
 JAFFE = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
 VIDEO = ("videos", "intel_head-pose-face-detection-male.mp4")  # 5 s, one man, 13/13 frames
@@ -155,13 +155,12 @@ def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed
     PNG crop per face whose grey level tells faces apart."""
     import cv2
     import pyarrow as pa
-    from fer_batch import sink
     rng = np.random.default_rng(seed)
     n = frames * per_frame
     probs = rng.dirichlet(np.ones(len(CLASSES)), n).astype(np.float32)
     score = np.round(probs.max(axis=1), 1).astype(np.float32)
     label = np.array(CLASSES, object)[probs.argmax(axis=1)]
-    label[score < 0.5] = tracks.UNCERTAIN
+    label[score < 0.5] = sink.UNCERTAIN
     if media_type == "video":  # tracks of mostly one label: that label has few tracks
         label[rng.random(n) < 0.6] = "calm"
     face = np.tile(np.arange(per_frame), frames)
@@ -181,7 +180,6 @@ def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed
 def _commit_run(out, rid: str, items) -> None:
     """Stage items (source, media_type, frames, faces per frame, seed) as run rid and commit
     it through the real commit (which tracks the videos)."""
-    from fer_batch import sink
     for source, media_type, frames, per_frame, seed in items:
         files = sink.file_rows_table([dict(uri=source, media_type=media_type, status="ok",
                                            size_bytes=10, mtime_ns=seed)], "m")
