@@ -7,6 +7,7 @@ re-encoding, written under /tmp (never into the repository). Each run's outputs 
 the files row (frames, faces) and the face rows must be the same whatever the segmenting.
 
     .venv/bin/python bench/segments.py [--minutes 10] [--sample-fps 0.5] [--segments 0 300]
+        [--decode-threads 1 2]
 """
 
 from __future__ import annotations
@@ -46,10 +47,11 @@ def loop_video(src: Path, dst: Path, minutes: float) -> dict:
                 seconds=round(copies * float(s_in.duration * s_in.time_base), 1))
 
 
-def annotate(video: Path, out: Path, segment_s: float, sample_fps: float, log: Path) -> dict:
+def annotate(video: Path, out: Path, segment_s: float, sample_fps: float, threads: int,
+             log: Path) -> dict:
     cmd = [C.PY, "-m", "fer_batch", "annotate", str(video), "--output", str(out),
            "--address", f"127.0.0.1:{C.RAY_PORT}", "--sample-fps", str(sample_fps),
-           "--segment-seconds", str(segment_s)]
+           "--segment-seconds", str(segment_s), "--decode-threads", str(threads)]
     # the cluster of C.start_ray requires Ray 2.60's token authentication (README)
     res = C.run_measured(cmd, pss=False, log=log, env=dict(RAY_AUTH_MODE="token"))
     manifest = json.loads(next((out / "_runs").glob("*.json")).read_text()) if res["rc"] == 0 \
@@ -58,7 +60,7 @@ def annotate(video: Path, out: Path, segment_s: float, sample_fps: float, log: P
     faces = fer_batch.read_faces(str(out), as_pandas=True) if res["rc"] == 0 else None
     key = sorted(zip(faces["frame_index"], faces["face_index"], faces["x"], faces["y"])) \
         if faces is not None else None
-    return dict(segment_s=segment_s, rc=res["rc"], wall_s=res["wall_s"],
+    return dict(segment_s=segment_s, threads=threads, rc=res["rc"], wall_s=res["wall_s"],
                 processing_s=manifest.get("processing_seconds"),
                 frames=manifest.get("frames"), faces=manifest.get("faces"),
                 files_ok=manifest.get("files_ok"), face_key=hash(str(key)),
@@ -70,6 +72,8 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--sample-fps", type=float, default=0.5)
     ap.add_argument("--segments", type=float, nargs="+", default=[0, 300])
+    ap.add_argument("--decode-threads", type=int, nargs="+", default=[1],
+                    help="each value runs every --segments setting (the first run is the base)")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fer-segments-"))
     t0 = time.perf_counter()
@@ -80,9 +84,9 @@ def main(argv=None):
     C.log(f"ray start: {C.start_ray(ray_dir, cpus=2):.1f} s")
     rows = []
     try:
-        for s in a.segments:
-            r = annotate(Path(video["path"]), work / f"out-{s:g}", s, a.sample_fps,
-                         work / f"log-{s:g}.txt")
+        for threads, s in [(t, s) for t in a.decode_threads for s in a.segments]:
+            r = annotate(Path(video["path"]), work / f"out-{s:g}-t{threads}", s, a.sample_fps,
+                         threads, work / f"log-{s:g}-t{threads}.txt")
             C.log(json.dumps(r))
             rows.append(r)
     finally:
@@ -91,13 +95,14 @@ def main(argv=None):
     print(f"\n{video['seconds']:.0f} s of 1920x1080 H.264 ({video['bytes'] / 2**20:.0f} MiB), "
           f"--sample-fps {a.sample_fps:g}; machine: {state['cpu_model']}, {state['cpus']} "
           f"CPUs, load {state['loadavg']}; git {state['git']}\n")
-    print("| --segment-seconds | segments | wall s | processing s | frames | faces | same "
-          "faces | speed-up (processing) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| --decode-threads | --segment-seconds | segments | wall s | processing s | frames | "
+          "faces | same faces | speed-up (processing) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        n = 1 if not r["segment_s"] else -(-int(video["seconds"]) // int(r["segment_s"]))
+        seg, length = r["segment_s"], video["seconds"]
+        n = int(length // seg) if seg and length > 1.5 * seg else 1  # the last takes the rest
         up = base["processing_s"] / r["processing_s"] if r["processing_s"] else float("nan")
-        print(f"| {r['segment_s']:g} | {n} | {r['wall_s']:.1f} | {r['processing_s']} | "
+        print(f"| {r['threads']} | {seg:g} | {n} | {r['wall_s']:.1f} | {r['processing_s']} | "
               f"{r['frames']} | {r['faces']} | {r['face_key'] == base['face_key']} | "
               f"{up:.2f}x |")
     print(f"\noutputs and logs: {work}")

@@ -62,6 +62,11 @@ class AnnotateConfig:
                                  "row per video are those of an unsplit run. 0 = one task per "
                                  "video. 300 s at 2 fps is 600 sampled frames per task.",
                                  "video", min=0)
+    decode_threads: int = opt(1, "FFmpeg threads per video decoder. 1: each cropper actor "
+                              "keeps to its one CPU and Ray spreads files, and the segments "
+                              "of long videos, over the cores (FFmpeg's frame threads cost "
+                              "about 10%% more CPU per frame; BENCHMARKS.md 1). More helps "
+                              "only a few videos on an idle machine.", "video", min=1)
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
     detector: str = opt("centerface", "Face detector: centerface (a CNN on ONNX Runtime; its "

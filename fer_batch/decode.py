@@ -29,8 +29,6 @@ from fer_batch.config import ANNOTATE_DEFAULTS
 
 MAX_PIXELS = ANNOTATE_DEFAULTS.max_pixels  # frame/image pixel limit: a 12000x10000 scan passes
 MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is given up
-DECODE_THREADS = 2  # FFmpeg threads per video: each holds a frame in flight (memory), and Ray
-#                     already runs one actor per core
 SLACK_FRAMES = 2  # frames a complete video may fall short of its container's count (priming)
 SLACK_SECONDS = 0.5  # seconds a complete video's last frame may end before its duration
 HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not media
@@ -356,7 +354,8 @@ def _sniff(file) -> bytes:
 
 def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every_n: int = 0,
                 max_pixels: int = MAX_PIXELS, stats: VideoStats | None = None,
-                window=None) -> Iterator[tuple[int, float, np.ndarray]]:
+                window=None, threads: int = ANNOTATE_DEFAULTS.decode_threads
+                ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Stream sampled frames of a video, one at a time (never the whole video in memory).
 
     Parameters
@@ -374,6 +373,7 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
         always raise DecodeError.
     window: a segments.Window: decode one time segment of the video (seek to its
         keyframe, yield only its frames, with the indexes and times of the whole video).
+    threads: FFmpeg decoding threads (--decode-threads).
 
     Yields
     ------
@@ -406,7 +406,7 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
                                   ) from None
             with container:
                 yield from _decode_stream(container, sample_fps, every_n, max_pixels, stats,
-                                          logs, limit, window)
+                                          logs, limit, window, threads)
     finally:
         av.logging.set_level(level)
         av.logging.set_skip_repeated(skip)
@@ -414,7 +414,7 @@ def iter_frames(file, *, sample_fps: float = ANNOTATE_DEFAULTS.sample_fps, every
         raise DecodeError(stats.error)
 
 
-def _open_stream(container, max_pixels: int, logs, limit: dict):
+def _open_stream(container, max_pixels: int, logs, limit: dict, threads: int):
     """The container's first video stream, its decoder set up; refuses a file without video
     and frames over max_pixels before any frame is decoded."""
     if not container.streams.video:
@@ -424,7 +424,7 @@ def _open_stream(container, max_pixels: int, logs, limit: dict):
     stream = container.streams.video[0]
     cc = stream.codec_context
     cc.options = dict(limit)
-    cc.thread_type, cc.thread_count = "AUTO", DECODE_THREADS
+    cc.thread_type, cc.thread_count = "AUTO", threads  # each thread holds a frame in flight
     if cc.width * cc.height > max_pixels:
         raise DecodeError(f"video frames are {cc.width}x{cc.height} pixels, over the limit of "
                           f"{max_pixels} (--max-pixels); refused before decoding")
@@ -494,8 +494,9 @@ class _Packets:
         return True
 
 
-def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit, window):
-    stream = _open_stream(container, max_pixels, logs, limit)
+def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limit, window,
+                   threads):
+    stream = _open_stream(container, max_pixels, logs, limit, threads)
     base = stream.time_base or Fraction(1, 1)
     start = stream.start_time or 0
     sampler = _Sampler(sample_fps, every_n)

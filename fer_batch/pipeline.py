@@ -326,7 +326,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 crop_margin=spec["crop_margin"],
                 detection=DetectorSettings.of(cfg), sample_fps=cfg.sample_fps,
-                every_n_frames=every_n,
+                every_n_frames=every_n, decode_threads=cfg.decode_threads,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
                 max_image_bytes=cfg.max_image_bytes,
                 attempts=AttemptCounter(ledger, cfg.stall_timeout_s),

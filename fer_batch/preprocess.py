@@ -186,6 +186,7 @@ class FaceCropper:
     def __init__(self, *, face_size: int = FACE_SIZE, channels=CHANNELS,
                  detection: DetectorSettings = DetectorSettings(),
                  sample_fps: float = _D.sample_fps, every_n_frames: int = _D.every_n_frames,
+                 decode_threads: int = _D.decode_threads,
                  max_pixels: int = _D.max_pixels, max_image_bytes: int = _D.max_image_bytes,
                  endpoint_url: str | None = None, attempts=None,
                  max_attempts: int = _D.max_file_retries + 1,
@@ -196,6 +197,7 @@ class FaceCropper:
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
+        self.decode_threads = decode_threads
         self.max_pixels, self.endpoint_url = max_pixels, endpoint_url
         self.max_image_bytes = max_image_bytes
         self.attempts, self.max_attempts = attempts, max_attempts  # uri -> try number, or None
@@ -282,7 +284,8 @@ class FaceCropper:
             with storage.open_input(entry["uri"], self.endpoint_url) as f:
                 for index, ts, gray in segments.iter_frames(
                         f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
-                        max_pixels=self.max_pixels, stats=stats):
+                        max_pixels=self.max_pixels, stats=stats,
+                        threads=self.decode_threads):
                     if self.attempts is not None:
                         self.attempts.alive()  # the watchdog's sign of progress
                     boxes = self.detect(gray)

@@ -37,6 +37,8 @@ def test_stages_built_without_arguments_match_the_cli():
     assert cf.kw == dict(max_side=cfg.centerface_max_side, threshold=cfg.centerface_threshold,
                          min_face=cfg.min_face)
     assert c.max_attempts == cfg.max_file_retries + 1
+    assert c.decode_threads == cfg.decode_threads == inspect.signature(
+        decode.iter_frames).parameters["threads"].default
     assert c.crop_margin == TrainConfig().crop_margin
     assert decode.MAX_PIXELS == cfg.max_pixels
     assert inspect.signature(decode.iter_frames).parameters["sample_fps"].default == \

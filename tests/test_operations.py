@@ -80,16 +80,30 @@ def clean_run(ray_local, full_archive, random_checkpoint, tmp_path_factory):
     return out
 
 
-def test_incremental_processes_only_new_files_and_equals_one_run(
-        ray_local, archive, second_night, clean_run, random_checkpoint, tmp_path):
-    src = tmp_path / "archive"
+def incremental_args(src, out, checkpoint) -> list[str]:
+    return ["annotate", str(src), "--model", checkpoint, "--output", str(out), "--all-frames",
+            "--incremental"]
+
+
+@pytest.fixture(scope="module")
+def two_nights(ray_local, archive, second_night, random_checkpoint, tmp_path_factory):
+    """An archive annotated incrementally on night one, then again after night two's files
+    arrived: (archive, output). Tests that change the output work on a copy."""
+    src = tmp_path_factory.mktemp("nights") / "archive"
     shutil.copytree(archive, src)
-    out = tmp_path / "out"
-    args = ["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
-            "--all-frames", "--incremental"]
-    assert cli.main(args) == 0
+    out = src.parent / "out"
+    assert cli.main(incremental_args(src, out, random_checkpoint)) == 0
     add_second_night(src, second_night)
-    assert cli.main(args) == 0
+    assert cli.main(incremental_args(src, out, random_checkpoint)) == 0
+    return src, out
+
+
+def test_incremental_processes_only_new_files_and_equals_one_run(
+        two_nights, clean_run, random_checkpoint, tmp_path):
+    src, night_out = two_nights
+    out = tmp_path / "out"
+    shutil.copytree(night_out, out)  # the third night below adds a run
+    args = incremental_args(src, out, random_checkpoint)
     manifests = runs.Output(str(out)).committed_runs()
     assert len(manifests) == 2
     second = list(manifests.values())[1]
@@ -195,16 +209,10 @@ def test_concurrent_run_into_the_same_output_is_refused(random_checkpoint, tmp_p
         out.release()
 
 
-def test_compact_merges_runs_into_the_same_view(ray_local, archive, second_night,
-                                                random_checkpoint, tmp_path):
-    src = tmp_path / "archive"
-    shutil.copytree(archive, src)
+def test_compact_merges_runs_into_the_same_view(two_nights, tmp_path):
     out = tmp_path / "out"
-    args = ["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
-            "--incremental"]
-    assert cli.main(args) == 0
-    add_second_night(src, second_night)
-    assert cli.main(args) == 0
+    shutil.copytree(two_nights[1], out)  # compact rewrites it
+    assert len(runs.Output(str(out)).committed_runs()) == 2
     before, files_before = faces_view(out), fer_batch.read_files(str(out), as_pandas=True)
     assert cli.main(["compact", str(out)]) == 0
     assert len(runs.Output(str(out)).committed_runs()) == 1

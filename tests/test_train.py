@@ -264,17 +264,9 @@ def test_resume_from_a_folder_without_state_fails_fast(tmp_path):
             train.check_config(TrainConfig(data=(str(tmp_path),), resume_from=str(bad)))
 
 
-@needs_data
-def test_same_seed_same_machine_gives_the_same_model(trained, tmp_path):
-    """Training is deterministic on one machine: the same data, config and seed give the
-    same weights (model_id is their hash) and the same metrics. Across machines (other CPUs,
-    thread counts, bf16 support) floating-point order differs and so do the figures: the
-    README quotes a range for make run, not one number."""
-    cfg, metrics, _ = trained
-    again = train.fit(dataclasses.replace(cfg, output=str(tmp_path / "again")))
-    assert again["model_id"] == metrics["model_id"]
-    assert again["confusion_matrix"] == metrics["confusion_matrix"]
-    assert again["history"][0]["train_loss"] == metrics["history"][0]["train_loss"]
+# Determinism (the same data, config and seed give the same model on one machine) is
+# checked by tests/test_s3.py::test_train_from_s3_to_s3_matches_local, which trains the
+# same slice twice anyway (from disk and from S3).
 
 
 def test_the_new_classifier_of_a_fine_tune_depends_on_the_seed_only(random_checkpoint):
