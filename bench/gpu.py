@@ -3,8 +3,13 @@
 1. Inference: ResNet-50 48x48 faces/s for batch sizes 256..8192, fp32 / fp16 / bf16,
    NCHW vs channels_last, eager vs torch.compile. Synthetic uint8 faces, the model's own
    uint8 -> float scaling included; timed with CUDA events after warm-up.
-2. End to end: `fer-batch annotate --device cuda` over an archive of links (CPU actors
-   feeding one GPU actor), with GPU utilization sampled by nvidia-smi every 200 ms.
+2. Detection in the GPU pool (--detect-on pool): CenterFace (fer_batch/detect_torch.py)
+   frames/s on 1080p frames downscaled to the default 576 side (576x352), batches 1..256,
+   fp32 (the pool's precision), timed after warm-up.
+3. End to end: `fer-batch annotate --device cuda` over an archive of links (CPU actors
+   feeding the GPU actors), once with detection in the croppers (--detect-on cpu) and once
+   in the GPU pool (--detect-on pool), with GPU utilization sampled by nvidia-smi every
+   200 ms; CPU time per decoded frame gives the CPU:GPU ratio the job needs.
 
     .venv/bin/python bench/gpu.py --out bench/_work/gpu.json            # on the GPU box
     .venv/bin/python bench/gpu.py --tiny --out bench/_work/gpu_tiny.json  # CPU check
@@ -106,6 +111,35 @@ def inference(device, tiny: bool, compile_modes=(False, True)) -> list[dict]:
     return rows
 
 
+DETECT_BATCHES = (1, 16, 64, 256)  # frames per CenterFace call in the pool
+DETECT_SHAPE = (352, 576)  # a 1080p frame at the default --centerface-max-side 576, padded
+
+
+def detection(device, tiny: bool) -> list[dict]:
+    """CenterFace frames/s in the pool's code path (CenterFaceBatch) on device."""
+    from fer_batch.config import ANNOTATE_DEFAULTS
+    from fer_batch.detect_torch import CenterFaceBatch
+    det = CenterFaceBatch(threshold=ANNOTATE_DEFAULTS.centerface_threshold,
+                          device=device.type)
+    rng = np.random.default_rng(0)
+    rows = []
+    for batch in (1, 4) if tiny else DETECT_BATCHES:
+        smalls = [rng.integers(0, 256, DETECT_SHAPE, dtype=np.uint8) for _ in range(batch)]
+        t_end = time.perf_counter() + (0.1 if tiny else WARMUP_S)
+        det(smalls)
+        while time.perf_counter() < t_end:
+            det(smalls)
+        n, t0 = 0, time.perf_counter()
+        while n < 3 or time.perf_counter() - t0 < (0.2 if tiny else MEASURE_S):
+            det(smalls)  # includes the copies to and from the GPU, as in the pool
+            n += 1
+        dt = time.perf_counter() - t0
+        rows.append(dict(batch=batch, frames_per_s=round(n * batch / dt, 1),
+                         ms_per_call=round(1000 * dt / n, 2)))
+        C.log(f"gpu detection: {rows[-1]}")
+    return rows
+
+
 def gpu_sampler():
     """nvidia-smi in the background: utilization.gpu %, memory.used MiB every 200 ms."""
     try:
@@ -116,7 +150,7 @@ def gpu_sampler():
         return None
 
 
-def end_to_end(device, tiny: bool, copies: int) -> dict:
+def end_to_end(device, tiny: bool, copies: int, detect_on: str = "cpu") -> dict:
     if not C.VIDEOS.exists():
         return dict(skipped=f"no shared data at {C.DATA}")
     ckpt = C.WORK / "model.pt"
@@ -127,16 +161,16 @@ def end_to_end(device, tiny: bool, copies: int) -> dict:
     vids = [C.VIDEOS / "intel_head-pose-face-detection-male.mp4"] if tiny else None
     archive = C.build_archive("gpu_archive", 1 if tiny else copies, 1 if tiny else copies,
                               videos=vids)
-    out_dir = C.WORK / "out_gpu"
+    out_dir = C.WORK / f"out_gpu_{detect_on}"
     import shutil
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [C.PY, "-m", "fer_batch", "annotate", archive, "--model", ckpt, "--output", out_dir,
            "--device", "cuda" if device.type == "cuda" else "cpu", "--batch-size",
-           "64" if tiny else "1024"]
+           "64" if tiny else "1024", "--detect-on", detect_on]
     if tiny:
         cmd += ["--limit", "3"]
     smi = gpu_sampler() if device.type == "cuda" else None
-    res = C.run_measured(cmd, pss=False, log=C.WORK / "gpu_e2e.log")
+    res = C.run_measured(cmd, pss=False, log=C.WORK / f"gpu_e2e_{detect_on}.log")
     util = []
     if smi:
         smi.terminate()
@@ -149,7 +183,11 @@ def end_to_end(device, tiny: bool, copies: int) -> dict:
     mf = sorted((out_dir / "_runs").glob("*.json")) if (out_dir / "_runs").exists() else []
     man = json.loads(mf[-1].read_text()) if mf else {}
     u = np.array([x[0] for x in util]) if util else np.zeros(0)
-    return dict(rc=res["rc"], wall_s=res["wall_s"], cpu_s=res["cpu_s"],
+    frames = man.get("frames")  # decoded frames (images count one)
+    return dict(detect_on=detect_on, detected_on=man.get("detected_on"),
+                rc=res["rc"], wall_s=res["wall_s"], cpu_s=res["cpu_s"],
+                cpu_ms_per_decoded_frame=round(1000 * res["cpu_s"] / frames, 2) if frames
+                else None,
                 processing_s=man.get("processing_seconds"), frames=man.get("frames"),
                 faces=man.get("faces"), files_ok=man.get("files_ok"),
                 faces_per_s=round(man["faces"] / man["processing_seconds"], 1)
@@ -179,8 +217,10 @@ def main(argv=None):
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"))
     out = dict(info=info, inference=inference(device, a.tiny,
                                               (False,) if a.no_compile else (False, True)))
+    out["detection"] = detection(device, a.tiny)
     if not a.skip_e2e:
-        out["end_to_end"] = end_to_end(device, a.tiny, a.copies)
+        out["end_to_end"] = [end_to_end(device, a.tiny, a.copies, where)
+                             for where in ("cpu", "pool")]
     C.save_json(Path(a.out), out)
     C.log(f"gpu: wrote {a.out}")
     return 0

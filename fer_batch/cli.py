@@ -181,6 +181,12 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
     from fer_batch.model import load_checkpoint
     pipeline.check_config(cfg)
     detect.check_detector(cfg.detector)  # its weights and runtime are installed
+    if cfg.detect_on == "pool":
+        if cfg.detector != "centerface":
+            raise pipeline.ConfigError("--detect-on pool runs CenterFace: use --detector "
+                                       "centerface, or --detect-on cpu")
+        from fer_batch.detect_torch import check_torch_detector
+        check_torch_detector()
     for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
                       (cfg.output, "output")]:
         if storage.is_s3(uri):

@@ -75,6 +75,13 @@ class AnnotateConfig:
                         "labelled faces of the shared photos at ~70 ms per 1080p frame, haar 36 "
                         "at ~660 ms, neither any face on the no-face clips (BENCHMARKS.md).",
                         "detection", choices=("centerface", "haar"))
+    detect_on: str = opt("auto", "Where faces are detected: cpu (in each cropper actor: ONNX "
+                         "Runtime for centerface, OpenCV for haar); pool (centerface only: "
+                         "the croppers send frames downscaled to --centerface-max-side to a "
+                         "pool of detector actors that run CenterFace batched on the GPUs, "
+                         "beside the classifier, on the CPU where there is none; needs "
+                         "onnx2torch); auto (pool when the job runs on GPUs with centerface, "
+                         "else cpu).", "detection", choices=("auto", "cpu", "pool"))
     centerface_max_side: int = opt(576, "centerface: detect on a copy downscaled so its longer "
                                    "side is at most this many pixels (0 = full resolution). 576: "
                                    "as many faces in 1080p frames as 640, at less CPU "

@@ -219,13 +219,13 @@ def load_centerface(path: str | None = None, threads: int = 1):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def centerface_input(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
-    """The network input for one frame and the scale applied to it.
+def centerface_small(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The frame as the network sees it, and the scale applied to it.
 
-    gray (h, w) uint8 -> (blob shape = (1, 3, H, W) float32 in [0, 255], scale): the frame
-    downscaled so that its longer side is at most max_side (0 = full size; never upscaled),
-    padded with black at the right and bottom to multiples of CENTERFACE_ALIGN, the gray
-    plane repeated into the 3 colour planes the network was trained on."""
+    gray (h, w) uint8 -> (small shape = (H, W) uint8, scale): the frame downscaled so that
+    its longer side is at most max_side (0 = full size; never upscaled), padded with black
+    at the right and bottom to multiples of CENTERFACE_ALIGN. This is what the croppers send
+    to the GPU pool (--detect-on pool): a 1080p frame at 576 is 576x352 bytes."""
     h, w = gray.shape[:2]
     scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
     if scale < 1.0:
@@ -233,9 +233,17 @@ def centerface_input(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float
                           interpolation=cv2.INTER_AREA)
     sh, sw = gray.shape[:2]
     H, W = (-(-s // CENTERFACE_ALIGN) * CENTERFACE_ALIGN for s in (sh, sw))
-    blob = np.zeros((1, 3, H, W), np.float32)
-    blob[0, :, :sh, :sw] = gray
-    return blob, scale
+    small = np.zeros((H, W), np.uint8)
+    small[:sh, :sw] = gray
+    return small, scale
+
+
+def centerface_input(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """The network input for one frame and the scale applied to it: (blob shape =
+    (1, 3, H, W) float32 in [0, 255], scale), ``centerface_small``'s frame with its gray plane
+    repeated into the 3 colour planes the network was trained on."""
+    small, scale = centerface_small(gray, max_side)
+    return np.repeat(small[None, None].astype(np.float32), 3, axis=1), scale
 
 
 def decode_centerface(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray,
@@ -282,13 +290,23 @@ def detect_centerface(gray: np.ndarray, session, *, max_side: int = _D.centerfac
     boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, framed like
     Haar boxes, clipped to the frame, sorted top-to-bottom then left-to-right.
     """
-    h, w = gray.shape[:2]
     blob, scale = centerface_input(gray, max_side)
     heatmap, sizes, offset, _ = session.run(list(CENTERFACE_OUTPUTS), {"input.1": blob})
     boxes, scores = decode_centerface(heatmap, sizes, offset, threshold)
+    return centerface_boxes(boxes, scores, scale, gray.shape, threshold=threshold,
+                            min_face=min_face, raw=raw)
+
+
+def centerface_boxes(boxes: np.ndarray, scores: np.ndarray, scale: float, shape, *,
+                     threshold: float, min_face: int, raw: bool = False) -> np.ndarray:
+    """``decode_centerface``'s candidates in one frame -> its face boxes (the detectors'
+    contract): non-maximum suppression, back to the frame's pixels (shape = (h, w)), the
+    Haar framing (unless raw), clipped, sides >= min_face. The CPU path and the GPU pool's
+    croppers finish the same way."""
     if len(boxes):
         keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), threshold, CENTERFACE_NMS_IOU)
         boxes = boxes[np.asarray(keep, np.int64).reshape(-1)] / scale
+    h, w = shape[:2]
     return finish_boxes(boxes if raw else haar_framing(boxes), w, h, min_face)
 
 

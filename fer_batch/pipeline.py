@@ -283,8 +283,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         if settled:
             sink.write_tables(out.fs, stage, sink.FILE_SCHEMA.empty_table(),
                               sink.file_rows_table(settled, model_id), name="listing")
-        if todo:
-            _execute(cfg, todo, classes, spec, run_id)
+        detected_on = _execute(cfg, todo, classes, spec, run_id) if todo else None
         t_proc = time.perf_counter() - t0
         dropped = out.dedup_staged(run_id)
         out.fold_segments(run_id)  # one files row per segmented video
@@ -295,6 +294,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
                         model_id=model_id, classes=list(classes),
                         config=dataclasses.asdict(cfg), files_listed=len(entries),
                         files_already_done=len(already), duplicate_rows_dropped=dropped,
+                        detected_on=detected_on,
                         **counts)
         out.commit_or_set_aside(run_id, manifest)
         manifest.update(faces_path=f"{out.uri}/faces", files_path=f"{out.uri}/files",
@@ -304,11 +304,56 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         out.release()
 
 
-def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) -> None:
+class PoolDetector:
+    """The croppers' side of the detector pool (--detect-on pool), passed to every
+    FaceCropper (it pickles: actor handles and settings). A call downscales its frames
+    (detect.centerface_small), sends them to one pool actor (in turn, from a random start)
+    and finishes the candidates that come back (detect.centerface_boxes): [gray] -> [boxes]."""
+
+    def __init__(self, actors: list, settings: DetectorSettings):
+        self.actors, self.settings = actors, settings
+        self.turn = int.from_bytes(os.urandom(2), "little")  # croppers spread over the pool
+
+    def __call__(self, grays: list) -> list:
+        from fer_batch.detect import centerface_boxes, centerface_small
+        if not grays:
+            return []
+        s = self.settings
+        smalls, scales = zip(*(centerface_small(g, s.centerface_max_side) for g in grays))
+        self.turn += 1
+        found = ray.get(self.actors[self.turn % len(self.actors)].detect.remote(list(smalls)))
+        return [centerface_boxes(boxes, scores, scale, g.shape, threshold=s.centerface_threshold,
+                                 min_face=s.min_face)
+                for (boxes, scores), scale, g in zip(found, scales, grays)]
+
+
+def detect_in_pool(cfg: AnnotateConfig, use_gpu: bool) -> bool:
+    """--detect-on: pool, or auto on GPUs with centerface (and onnx2torch installed)."""
+    from fer_batch.detect_torch import torch_detector_installed
+    if cfg.detect_on == "auto":
+        return use_gpu and cfg.detector == "centerface" and torch_detector_installed()
+    return cfg.detect_on == "pool"
+
+
+def start_detector_pool(cfg: AnnotateConfig, use_gpu: bool, n_gpu: int) -> PoolDetector:
+    """One CenterFace actor per GPU, each on half of it (the classifier takes the other
+    half), or one on the CPU sharing the croppers' cores, like the classifier there."""
+    from fer_batch.detect_torch import CenterFaceBatch
+    actor = ray.remote(CenterFaceBatch).options(num_cpus=0, num_gpus=0.5 if use_gpu else 0)
+    actors = [actor.remote(threshold=cfg.centerface_threshold,
+                           device="cuda" if use_gpu else "cpu", threads=0 if use_gpu else 1)
+              for _ in range(max(1, n_gpu) if use_gpu else 1)]
+    return PoolDetector(actors, DetectorSettings.of(cfg))
+
+
+def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) -> str:
+    """Run the Ray Data chain over the files to do; returns where faces were detected
+    ("croppers", or "pool (cuda)" / "pool (cpu)"), for the manifest."""
     n_cpu, n_gpu = resources()
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and n_gpu > 0)
     crop_actors = cfg.preprocess_actors or max(1, n_cpu)
     infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
+    pool = start_detector_pool(cfg, use_gpu, n_gpu) if detect_in_pool(cfg, use_gpu) else None
     ledger = AttemptLedger.remote()
     items = work_units(todo, cfg.images_per_task)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
@@ -326,7 +371,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 crop_margin=spec["crop_margin"],
                 detection=DetectorSettings.of(cfg), sample_fps=cfg.sample_fps,
-                every_n_frames=every_n, decode_threads=cfg.decode_threads,
+                every_n_frames=every_n, decode_threads=cfg.decode_threads, pool=pool,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
                 max_image_bytes=cfg.max_image_bytes,
                 attempts=AttemptCounter(ledger, cfg.stall_timeout_s),
@@ -334,7 +379,8 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
         .map_batches(
             FacePredictor, batch_size=cfg.batch_size, batch_format="numpy",
             # on CPU the predictor shares cores with the croppers: inference is ~5% of the work
-            num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else 0,
+            # with the detector pool, each GPU's other half
+            num_gpus=(0.5 if pool else 1) if use_gpu else 0, num_cpus=1 if use_gpu else 0,
             compute=ActorPoolStrategy(size=infer_actors),
             fn_constructor_kwargs=dict(
                 checkpoint=cfg.model, device="cuda" if use_gpu else "cpu",
@@ -344,6 +390,9 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     )
     with show_progress(ledger, len(todo)):
         ds.write_datasink(StagingSink(cfg.output, run_id, classes, cfg.endpoint_url))
+    if pool is None:
+        return "croppers"
+    return f"pool ({'cuda' if use_gpu else 'cpu'})"
 
 
 def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) -> list[dict]:

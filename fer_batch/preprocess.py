@@ -28,6 +28,7 @@ CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes prepare_faces can make
 CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
+POOL_CHUNK = 16  # sampled frames held for one call to the GPU pool's detector (--detect-on pool)
 
 
 def equalize(gray: np.ndarray) -> np.ndarray:
@@ -190,10 +191,15 @@ class FaceCropper:
                  max_pixels: int = _D.max_pixels, max_image_bytes: int = _D.max_image_bytes,
                  endpoint_url: str | None = None, attempts=None,
                  max_attempts: int = _D.max_file_retries + 1,
-                 crop_margin: float = TRAIN_DEFAULTS.crop_margin):
-        """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint."""
+                 crop_margin: float = TRAIN_DEFAULTS.crop_margin, pool=None):
+        """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint. pool:
+        detection in the GPU pool (--detect-on pool), a callable [gray frames] -> [boxes]
+        (pipeline.PoolDetector); None = detect here with `detection`'s detector."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
-        self.detect = load_detector(detection)  # gray (h, w) uint8 -> boxes (n, 4) int32
+        # here: gray (h, w) uint8 -> boxes (n, 4) int32; in the pool: frames wait for a call
+        self.detector = load_detector(detection) if pool is None else None
+        self.detect_many = pool or self._detect_here
+        self.chunk = 1 if pool is None else POOL_CHUNK
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
         self.sample_fps, self.every_n = sample_fps, every_n_frames
@@ -269,7 +275,7 @@ class FaceCropper:
         """Face rows of one image (none without faces); fills done's counts."""
         gray = decode.decode_image(storage.read_bytes(entry["uri"], self.endpoint_url,
                                                       self.max_image_bytes), self.max_pixels)
-        boxes = self.detect(gray)
+        boxes = self.detect_many([gray])[0]
         done.update(frames=1, faces=len(boxes))
         if len(boxes):
             crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
@@ -279,20 +285,18 @@ class FaceCropper:
     def _video(self, entry: dict, done: dict):
         """Face rows of one video (or segment) every FRAMES_PER_YIELD sampled frames with
         faces; a video that breaks off keeps the faces found before, and its error."""
-        stats, found = decode.VideoStats(), []
+        stats, found, held = decode.VideoStats(), [], []  # held: frames awaiting detection
         try:
             with storage.open_input(entry["uri"], self.endpoint_url) as f:
-                for index, ts, gray in segments.iter_frames(
+                for frame in segments.iter_frames(
                         f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
                         max_pixels=self.max_pixels, stats=stats,
                         threads=self.decode_threads):
                     if self.attempts is not None:
                         self.attempts.alive()  # the watchdog's sign of progress
-                    boxes = self.detect(gray)
-                    if len(boxes):  # crop now: only 48x48 crops outlive the frame
-                        crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
-                        found.append((index, ts, crops, boxes))
-                        done["faces"] += len(boxes)
+                    held.append(frame)
+                    if len(held) >= self.chunk:
+                        self._detect_held(held, found, done)
                     if len(found) >= FRAMES_PER_YIELD:
                         yield face_rows(entry["uri"], "video", found, self.channels,
                                         self.face_size)
@@ -300,9 +304,26 @@ class FaceCropper:
             done["error"] = stats.error
         except Exception as e:  # noqa: BLE001 - the row says why; the faces found are kept
             done["error"] = error_message(e, entry["uri"])
+        try:  # frames decoded before the end (or before the video broke off)
+            self._detect_held(held, found, done)
+        except Exception as e:  # noqa: BLE001
+            done["error"] = done["error"] or error_message(e, entry["uri"])
         done["frames"] = stats.frames_decoded
         if found:
             yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
+
+    def _detect_here(self, grays: list) -> list:
+        return [self.detector(g) for g in grays]
+
+    def _detect_held(self, held: list, found: list, done: dict) -> None:
+        """Detect faces in the held (index, ts, gray) frames and crop them: found gets
+        (index, ts, crops, boxes) per frame with faces; only 48x48 crops outlive a frame."""
+        for (index, ts, gray), boxes in zip(held, self.detect_many([g for _, _, g in held])):
+            if len(boxes):
+                found.append((index, ts, crop_faces(gray, boxes, self.face_size,
+                                                    self.crop_margin), boxes))
+                done["faces"] += len(boxes)
+        held.clear()
 
 
 def error_message(e: Exception, uri: str) -> str:

@@ -26,7 +26,7 @@ def test_stages_built_without_arguments_match_the_cli():
     c = preprocess.FaceCropper()
     assert (c.sample_fps, c.every_n, c.max_pixels) == (cfg.sample_fps, cfg.every_n_frames,
                                                       cfg.max_pixels)
-    assert c.detect.name == cfg.detector
+    assert c.detector.name == cfg.detector
     assert DetectorSettings() == DetectorSettings.of(cfg)
     haar = detect.load_detector("haar")  # the Haar settings, whichever detector is the default
     assert haar.kw["max_side"] == cfg.detect_max_side

