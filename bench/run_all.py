@@ -182,16 +182,16 @@ def part_fixed(z, quick):
 
 def part_peer(z, quick):
     """fer (Haar, every frame) vs fer-batch over every frame of the shared videos: with the
-    shipped detection side (1280), with detection at 640 (same ground-truth recall as full
-    resolution, section 1), and with the shipped 2 fps sampling; recall on the photos."""
+    shipped detection settings, the same without flip averaging (one classifier pass per
+    face, as fer), and with the shipped 2 fps sampling; recall on the photos."""
     vids = [C.VIDEOS / v for v in z["peer_videos"]] if z["peer_videos"] else None
     arch = C.build_archive("peer", 1, 1, videos=vids)
     runs = []
     for r in range(z["repeats"]):
         order = [lambda: fer_peer("peer", arch),
                  lambda: annotate("peer_all_frames", arch, ["--all-frames"]),
-                 lambda: annotate("peer_all_frames_640", arch,
-                                  ["--all-frames", "--detect-max-side", "640"]),
+                 lambda: annotate("peer_all_frames_noflip", arch,
+                                  ["--all-frames", "--no-flip-average"]),
                  lambda: annotate("peer_defaults", arch, [])]
         for fn in (order if r % 2 == 0 else order[::-1]):
             runs.append(fn())

@@ -114,6 +114,47 @@ def video_decode(quick: bool) -> list[dict]:
     return rows
 
 
+def _decode_passes(path: str, passes: int = 4) -> int:
+    n = 0
+    for _ in range(passes):
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            s.thread_type, s.thread_count = "SLICE", 1
+            n += sum(1 for _ in c.decode(s))
+    return n
+
+
+def parallel_decode() -> dict:
+    """Do the cores scale for decode? The 1080p clip decoded 4 times by one process, then by
+    two processes at once (one thread each): frames/s of wall."""
+    import multiprocessing as mp
+    v = str(C.VIDEOS / "facenet_pytorch_street.mp4")
+    rates = {}
+    for k in (1, 2):
+        t = time.perf_counter()
+        with mp.get_context("spawn").Pool(k) as pool:
+            n = sum(pool.map(_decode_passes, [v] * k))
+        rates[k] = n / (time.perf_counter() - t)
+    return dict(one_process_fps=round(rates[1], 1), two_processes_fps=round(rates[2], 1),
+                scaling=round(rates[2] / rates[1], 2))
+
+
+def flops() -> dict:
+    """GFLOP per network call (torch's flop counter): CenterFace at the pool's 1080p input
+    (1x3x352x576) and ResNet-50 at 1x1x48x48: the basis of the GPU rates docs/scaling.md
+    assumes while no GPU has been measured."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from fer_batch.detect_torch import load_centerface_torch
+    out = {}
+    for name, net, x in (("centerface_576x352", load_centerface_torch(),
+                          torch.zeros(1, 3, 352, 576)),
+                         ("resnet50_48x48", build_model().eval(), torch.zeros(1, 1, 48, 48))):
+        with torch.inference_mode(), FlopCounterMode(display=False) as fc:
+            net(x)
+        out[name] = round(fc.get_total_flops() / 1e9, 3)
+    return out
+
+
 def image_decode() -> list[dict]:
     rows = []
     for p in C.media_files(C.PHOTOS) + sorted(C.CKPLUS.rglob("*.png"))[:50]:
@@ -217,7 +258,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    parts = dict(video_decode=lambda: video_decode(a.quick), image_decode=image_decode,
+    parts = dict(video_decode=lambda: video_decode(a.quick), parallel_decode=parallel_decode,
+                 flops=flops, image_decode=image_decode,
                  detection=lambda: detection(a.quick), crop_canny=crop_canny,
                  inference=lambda: inference(a.quick))
     out = {}

@@ -366,7 +366,11 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
             # start as many actors as the CPUs present now (not 1, then scale up: each actor
             # start costs seconds of imports); grow to crop_actors as nodes join
             compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(items)),
-                                      max_size=min(crop_actors, len(items))),
+                                      max_size=min(crop_actors, len(items)),
+                                      # a unit is seconds to minutes of work: queued behind a
+                                      # busy actor it would wait while another actor idles
+                                      # (two segments of one video on one actor)
+                                      max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
                 crop_margin=spec["crop_margin"],
