@@ -166,7 +166,8 @@ def end_to_end(device, tiny: bool, copies: int, detect_on: str = "cpu") -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     cmd = [C.PY, "-m", "fer_batch", "annotate", archive, "--model", ckpt, "--output", out_dir,
            "--device", "cuda" if device.type == "cuda" else "cpu", "--batch-size",
-           "64" if tiny else "1024", "--detect-on", detect_on]
+           "64" if tiny else "1024", "--detect-on", detect_on,
+           "--follow-symlinks"]  # the archive links to ../shared (C.build_archive)
     if tiny:
         cmd += ["--limit", "3"]
     smi = gpu_sampler() if device.type == "cuda" else None

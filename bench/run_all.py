@@ -70,7 +70,8 @@ def annotate(name: str, archive, extra: list, env: dict | None = None) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     cmd = [C.PY, "-m", "fer_batch", "annotate", *([archive] if isinstance(archive, (str, Path))
                                                    else archive),
-           "--model", ckpt(), "--output", out, *extra]
+           "--model", ckpt(), "--output", out,
+           "--follow-symlinks", *extra]  # the archives link to ../shared (C.build_archive)
     cluster = dict(RAY_ADDRESS=RAY["address"]) if RAY.get("address") else {}
     res = C.run_measured(cmd, env=dict(RAY_TMPDIR=str(tmp), **cluster, **(env or {})),
                          log=C.WORK / f"log_{name}.txt",
