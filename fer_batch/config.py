@@ -65,7 +65,7 @@ class AnnotateConfig:
     decode_threads: int = opt(1, "FFmpeg threads per video decoder. 1: each cropper actor "
                               "keeps to its one CPU and Ray spreads files, and the segments "
                               "of long videos, over the cores (FFmpeg's frame threads cost "
-                              "about 10%% more CPU per frame; BENCHMARKS.md 1). More helps "
+                              "4-11%% more CPU per frame; BENCHMARKS.md 1 and 7). More helps "
                               "only a few videos on an idle machine.", "video", min=1)
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)

@@ -10,7 +10,7 @@ the GPU. The work is split where the bytes are smallest:
 
 A 1080p frame travels as 576x352 bytes (200 KB) and comes back as a few candidate boxes;
 the full frame stays with the cropper, which cuts the 48x48 faces from it. The pool's
-outputs equal ONNX Runtime's to float rounding (tests/test_detect.py).
+boxes equal ONNX Runtime's within a pixel (tests/test_detect_pool.py).
 """
 
 from __future__ import annotations
