@@ -339,7 +339,10 @@ def start_detector_pool(cfg: AnnotateConfig, use_gpu: bool, n_gpu: int) -> PoolD
     """One CenterFace actor per GPU, each on half of it (the classifier takes the other
     half), or one on the CPU sharing the croppers' cores, like the classifier there."""
     from fer_batch.detect_torch import CenterFaceBatch
-    actor = ray.remote(CenterFaceBatch).options(num_cpus=0, num_gpus=0.5 if use_gpu else 0)
+    # a detector that dies (a GPU fault, out of GPU memory) is restarted and the call retried
+    # (it has no state); a call that still fails becomes that file's error row
+    actor = ray.remote(CenterFaceBatch).options(num_cpus=0, num_gpus=0.5 if use_gpu else 0,
+                                                max_restarts=3, max_task_retries=1)
     actors = [actor.remote(threshold=cfg.centerface_threshold,
                            device="cuda" if use_gpu else "cpu", threads=0 if use_gpu else 1)
               for _ in range(max(1, n_gpu) if use_gpu else 1)]
