@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from fer_batch.config import AnnotateConfig, TrainConfig
+from fer_batch.config import DETECTORS, AnnotateConfig, TrainConfig
 
 EXIT_USAGE = 2  # bad arguments, missing model, unreadable source
 EXIT_FAILED = 1  # the run itself failed
@@ -97,7 +97,7 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-margin", type=float, default=None, help="margin around the Haar "
                    "box with --detect-faces, as a fraction of its side (default: the "
                    "checkpoint's, as annotate uses)")
-    p.add_argument("--detector", choices=("centerface", "haar"),
+    p.add_argument("--detector", choices=DETECTORS,
                    default=AnnotateConfig.detector, help="face detector of --detect-faces "
                    "(default: annotate's)")
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,

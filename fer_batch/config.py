@@ -17,6 +17,7 @@ FACE_SIZE = 48  # CK+48 crops, pixels; the model's input side
 DEFAULT_MODEL_NAME = "default"  # --model / --pretrained value naming the shipped model
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default.pt")
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
+DETECTORS = ("centerface", "haar")  # --detector choices (fer_batch/detect.py)
 
 
 def opt(default, help: str, group: str = "general", **kw):
@@ -74,7 +75,7 @@ class AnnotateConfig:
                         "haar (the paper's Haar cascade, OpenCV). centerface finds 43 of the 43 "
                         "labelled faces of the shared photos at ~70 ms per 1080p frame, haar 36 "
                         "at ~660 ms, neither any face on the no-face clips (BENCHMARKS.md).",
-                        "detection", choices=("centerface", "haar"))
+                        "detection", choices=DETECTORS)
     detect_on: str = opt("auto", "Where faces are detected: cpu (in each cropper actor: ONNX "
                          "Runtime for centerface, OpenCV for haar); pool (centerface only: "
                          "the croppers send frames downscaled to --centerface-max-side to a "

@@ -499,10 +499,9 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     stream = _open_stream(container, max_pixels, logs, limit, threads)
     base = stream.time_base or Fraction(1, 1)
     start = stream.start_time or 0
-    sampler = _Sampler(sample_fps, every_n)
-    index, last_t = -1, None
-    if window is not None:  # one segment (segments.py): index and sampler at its start
-        index, sampler.next_t = window.start(container, stream)
+    # one segment (segments.py): the index and the sampler's next time at its start
+    index, next_t = window.start(container, stream) if window is not None else (-1, 0.0)
+    sampler, last_t = _Sampler(sample_fps, every_n, next_t), None
     packets = _Packets(container, stream, stats, logs, max_pixels)
     try:
         for frame in packets.frames():

@@ -26,9 +26,7 @@ import os
 import cv2
 import numpy as np
 
-from fer_batch.config import ANNOTATE_DEFAULTS as _D, DetectorSettings
-
-DETECTORS = ("haar", "centerface")  # --detector choices
+from fer_batch.config import ANNOTATE_DEFAULTS as _D, DETECTORS, DetectorSettings
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
 VERIFY_CASCADE_FILE = "haarcascade_frontalface_alt2.xml"  # second opinion on each candidate

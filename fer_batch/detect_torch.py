@@ -24,7 +24,7 @@ from fer_batch.detect import DetectorUnavailable, centerface_path, decode_center
 NO_ONNX2TORCH = ("--detect-on pool needs onnx and onnx2torch (CenterFace as a torch module): "
                  "run `python -m pip install onnx 'onnx2torch>=1.5'` (make setup does), or "
                  "use --detect-on cpu")
-POOL_BATCH = 64  # frames per forward pass; a 576x352 frame needs ~40 MB of activations
+POOL_BATCH = 64  # frames per forward pass at most (activation memory grows with it)
 
 
 def load_centerface_torch(path: str | None = None, device: str = "cpu"):
