@@ -155,6 +155,47 @@ def flops() -> dict:
     return out
 
 
+def centerface_session(quick: bool) -> list[dict]:
+    """CPU ms per frame of ``detect.detect_centerface`` (the shipped 576 side) with the ONNX
+    Runtime session built two ways, alternating on the same frames: "weights as inputs" is
+    how fer-batch built it until session 7 (only the input/output shapes removed: every
+    weight stays a graph input, so ONNX Runtime folds no constants and fuses no batch norm);
+    "shipped" is ``detect.load_centerface`` today. Also the largest output difference."""
+    import onnx
+    import onnxruntime as ort
+    model = onnx.load(detect.centerface_path())
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.ClearField("shape")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    sessions = {"weights as inputs (before)": ort.InferenceSession(
+                    model.SerializeToString(), opts, providers=["CPUExecutionProvider"]),
+                "shipped": detect.load_centerface()}
+    street = [f for _, _, f in decode.iter_frames(str(C.VIDEOS / "facenet_pytorch_street.mp4"),
+                                                   every_n=20)][:3 if quick else 5]
+    small = [f for _, _, f in decode.iter_frames(
+        str(C.VIDEOS / "face_recognition_short_hamilton_clip.mp4"), every_n=20)][:3 if quick else 5]
+    frames = {"1920x1080": street, "1280x720": [cv2.resize(f, (1280, 720)) for f in street],
+              "640x360": small}
+    side = ANNOTATE_DEFAULTS.centerface_max_side
+    rows = []
+    for res, fs in frames.items():
+        cpu = {name: [] for name in sessions}
+        for _ in range(3):  # alternate, so drift of the machine falls on both
+            for name, sess in sessions.items():
+                for f in fs:
+                    cpu[name].append(cpu_timed(detect.detect_centerface, f, sess, max_side=side)[1])
+        blob, _ = detect.centerface_input(fs[0], side)
+        outs = [s.run(list(detect.CENTERFACE_OUTPUTS), {"input.1": blob}) for s in sessions.values()]
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(*outs))
+        ms = {name: round(1000 * float(np.median(v)), 2) for name, v in cpu.items()}
+        before, after = ms.values()
+        rows.append(dict(res=res, side=side, ms=ms, speedup=round(before / after, 2),
+                         max_output_diff=diff))
+    return rows
+
+
 def image_decode() -> list[dict]:
     rows = []
     for p in C.media_files(C.PHOTOS) + sorted(C.CKPLUS.rglob("*.png"))[:50]:
@@ -259,7 +300,8 @@ def main(argv=None):
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
     parts = dict(video_decode=lambda: video_decode(a.quick), parallel_decode=parallel_decode,
-                 flops=flops, image_decode=image_decode,
+                 flops=flops, centerface_session=lambda: centerface_session(a.quick),
+                 image_decode=image_decode,
                  detection=lambda: detection(a.quick), crop_canny=crop_canny,
                  inference=lambda: inference(a.quick))
     out = {}
