@@ -5,6 +5,7 @@ photo, and CPU ms per frame at 1080p, 720p and 360p (one thread, median of a few
 
     python bench/detectors.py [--out bench/_work/detectors.json] [--quick]
     python bench/detectors.py --framing    # measure detect.CENTERFACE_TO_HAAR
+    python bench/detectors.py --min-face-scan    # measure detect.CENTERFACE_MIN_NET_FACE
 
 CPU time is process_time of this one-threaded process (cv2 and ONNX Runtime pinned to one
 thread), so another busy core slows the wall clock but hardly the figures.
@@ -55,6 +56,7 @@ SETTINGS = {
     "centerface 544 t0.5": ("centerface", dict(centerface_max_side=544), 0),
     "centerface 576 t0.5": ("centerface", dict(centerface_max_side=576), 0),
     "centerface 960 t0.5": ("centerface", dict(centerface_max_side=960), 0),
+    "centerface 576 t0.5 --min-face 50": ("centerface", dict(min_face=50), 0),
 }
 QUICK = ("haar 1280 sf1.1 (default before)", "haar 960 sf1.2", "centerface 640 t0.5")
 
@@ -151,16 +153,61 @@ def framing() -> dict:
                 shift_x_q25_50_75=q(dx))
 
 
+# faces of known size for the scan: every third JAFFE photo (one face each) and frames of
+# four clips with faces; not the labelled photos, which check the result (tests, recall)
+SCAN_CLIPS = ("facenet_pytorch_street.mp4", "intel_face-demographics-walking.mp4",
+              "face_recognition_short_hamilton_clip.mp4",
+              "intel_head-pose-face-detection-male.mp4")
+SCAN_SCALES = (0.8, 0.6, 0.5, 0.4, 0.33, 0.25, 0.2, 0.15, 0.1)
+SCAN_BINS = (0, 8, 10, 12, 14, 16, 20, 24, 32, 48, 10**9)
+
+
+def min_face_scan() -> list[dict]:
+    """How small may a face be at CenterFace's input? Each image's faces found at full
+    resolution (raw boxes) are looked for again at SCAN_SCALES of the image; a face counts
+    as found at IoU >= 0.5. Recall per band of the face's side at the network's input."""
+    from fer_batch.tracks import box_iou
+    session = detect.load_centerface()
+    images = [decode.decode_image(p.read_bytes())
+              for p in sorted((C.DATA / "jaffe").rglob("*.tiff"))[::3]]
+    for clip in SCAN_CLIPS:
+        images += clip_frames(clip, 0.5)[:6]
+    hit = np.zeros(len(SCAN_BINS) - 1)
+    total = np.zeros(len(SCAN_BINS) - 1)
+
+    def run(gray, side):
+        return detect.detect_centerface(gray, session, max_side=side, threshold=0.5,
+                                        min_face=0, raw=True)
+    for gray in images:
+        ref = run(gray, 0)
+        for s in SCAN_SCALES:
+            got = run(gray, int(max(gray.shape) * s))
+            found = (box_iou(ref, got).max(axis=1) >= 0.5 if len(got)
+                     else np.zeros(len(ref), bool))
+            band = np.searchsorted(SCAN_BINS, np.sqrt(ref[:, 2] * ref[:, 3]) * s, "right") - 1
+            np.add.at(total, band, 1)
+            np.add.at(hit, band, found)
+    return [dict(net_face_px=f"{lo}-{hi}" if hi < 10**9 else f"{lo}+", faces=int(n),
+                 found=int(k), recall=round(float(k / n), 2))
+            for lo, hi, n, k in zip(SCAN_BINS, SCAN_BINS[1:], total, hit) if n]
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(C.WORK / "detectors.json"))
     ap.add_argument("--quick", action="store_true", help="3 settings, fewer timing frames")
     ap.add_argument("--framing", action="store_true", help="only measure CENTERFACE_TO_HAAR")
+    ap.add_argument("--min-face-scan", action="store_true",
+                    help="only measure CENTERFACE_MIN_NET_FACE (recall by face size at input)")
     ap.add_argument("--only", default="", help="only the settings whose label contains this")
     a = ap.parse_args(argv)
     cv2.setNumThreads(1)
     if a.framing:
         print(framing())
+        return
+    if a.min_face_scan:
+        for row in min_face_scan():
+            print(row)
         return
     state = C.machine_state()
     photos = {p.name: decode.decode_image(p.read_bytes()) for p in C.media_files(C.PHOTOS)

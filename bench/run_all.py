@@ -31,6 +31,7 @@ SMALL_VIDEOS = ("intel_head-pose-face-detection-male.mp4",
                 "intel_face-demographics-walking.mp4", "face_recognition_short_hamilton_clip.mp4")
 STREET = "facenet_pytorch_street.mp4"  # the 1080p clip
 # Same detection settings as the naive loop (full-resolution Haar, the videos' manifest hint)
+FER_MIN_FACE = 50  # fer's FER(min_face_size=50): the smallest face its Haar cascade looks for
 NAIVE_DETECT = dict(detect_max_side=0, scale_factor=1.1, min_neighbors=5, min_face=24)
 SCALE_UNIT = SMALL_VIDEOS  # 428 frames (480x270, 640x360) + the 9 labelled photos per copy
 # Full sizes: 2b is 3,424 frames + 270 images; 2a is every frame of all 8 shared videos.
@@ -184,7 +185,8 @@ def part_fixed(z, quick):
 def part_peer(z, quick):
     """fer (Haar, every frame) vs fer-batch over every frame of the shared videos: with the
     shipped detection settings, the same without flip averaging (one classifier pass per
-    face, as fer), and with the shipped 2 fps sampling; recall on the photos."""
+    face, as fer), with fer's own settings (every frame, faces of 50 px and more), and with
+    the shipped 2 fps sampling; recall on the photos."""
     vids = [C.VIDEOS / v for v in z["peer_videos"]] if z["peer_videos"] else None
     arch = C.build_archive("peer", 1, 1, videos=vids)
     runs = []
@@ -193,6 +195,8 @@ def part_peer(z, quick):
                  lambda: annotate("peer_all_frames", arch, ["--all-frames"]),
                  lambda: annotate("peer_all_frames_noflip", arch,
                                   ["--all-frames", "--no-flip-average"]),
+                 lambda: annotate("peer_fer_settings", arch,
+                                  ["--all-frames", "--min-face", str(FER_MIN_FACE)]),
                  lambda: annotate("peer_defaults", arch, [])]
         for fn in (order if r % 2 == 0 else order[::-1]):
             runs.append(fn())

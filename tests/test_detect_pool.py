@@ -44,7 +44,8 @@ def test_pool_finds_the_same_boxes_as_onnx_runtime():
     here = detect.load_detector(s)
     pool = CenterFaceBatch(threshold=s.centerface_threshold, device="cpu")
     grays = frames()
-    smalls, scales = zip(*(detect.centerface_small(g, s.centerface_max_side) for g in grays))
+    smalls, scales = zip(*(detect.centerface_small(g, s.centerface_max_side, s.min_face)
+                            for g in grays))
     found = pool(list(smalls))  # three sizes in one call: grouped by shape inside
     got = [detect.centerface_boxes(b, sc, scale, g.shape, threshold=s.centerface_threshold,
                                    min_face=s.min_face)
