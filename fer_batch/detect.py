@@ -202,11 +202,10 @@ def load_centerface(path: str | None = None, threads: int = 1):
     with H and W multiples of CENTERFACE_ALIGN. Raises DetectorUnavailable."""
     path = path or centerface_path()
     try:
-        import onnx  # noqa: F401  (reads the file: _centerface_model)
         import onnxruntime as ort
+        model = _centerface_model(path)  # reads the file with onnx
     except ImportError as e:
         raise DetectorUnavailable(NO_ONNXRUNTIME) from e
-    model = _centerface_model(path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = threads  # one core per actor
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
