@@ -91,6 +91,17 @@ def test_centerface_boxes_are_framed_like_haar_boxes():
     assert np.median(box_iou(haar, raw).max(axis=1)) < np.median(iou)  # the mapping helps
 
 
+@pytest.mark.parametrize("shape, max_side, min_face, scale", [
+    ((360, 640), 576, 24, 0.9),     # the defaults: the 576 side binds, --min-face does not
+    ((360, 640), 576, 48, 0.5),     # a 48 px face needs half the frame to stay 24 px
+    ((1080, 1920), 576, 48, 0.3),   # 1080p: the 576 side already shrinks more
+    ((200, 300), 576, 0, 1.0),      # never upscaled
+    ((200, 300), 0, 96, 0.25),      # no side limit: --min-face alone
+])
+def test_centerface_scale(shape, max_side, min_face, scale):
+    assert detect.centerface_scale(shape, max_side, min_face) == pytest.approx(scale)
+
+
 def test_centerface_min_face_shrinks_the_input_and_keeps_the_faces_that_big():
     """--min-face M: CenterFace detects on a copy no larger than an M-px face needs (M px ->
     CENTERFACE_MIN_NET_FACE px) and still finds the faces of at least M px it found at the
