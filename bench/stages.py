@@ -255,6 +255,38 @@ def detection(quick: bool) -> dict:
     return dict(rows=rows)
 
 
+def classifier_bf16(quick: bool) -> dict:
+    """Would bf16 autocast pay for the CPU classifier? The shipped model on FER2013's
+    PublicTest faces (../shared/fer2013/val), with flip averaging as annotate runs it, in
+    fp32 and under torch.autocast("cpu", bfloat16): CPU ms per face, label agreement and
+    accuracy. Only meaningful on CPUs with bf16 kernels (AVX512-BF16 / AMX)."""
+    from fer_batch import labeled
+    from fer_batch.model import load_checkpoint
+    from fer_batch.train_loop import use_bf16
+    data = C.DATA.parent / "fer2013" / "val"
+    if not data.is_dir():
+        return dict(skipped=f"{data} not found")
+    model, meta = load_checkpoint("default")
+    model = model.float().eval().to(memory_format=torch.channels_last)
+    classes = [labeled.canonical(c) for c in meta["classes"]]
+    paths, labels, _ = labeled.list_labeled(str(data))
+    keep = [i for i, lab in enumerate(labels) if lab in classes][:500 if quick else None]
+    faces, ok, _ = labeled.load_faces([(str(data), paths[i]) for i in keep],
+                                      channels=tuple(meta["input"]["channels"]))
+    y = np.array([classes.index(labels[i]) for i, good in zip(keep, ok) if good])
+    out = dict(faces=len(y), bf16_kernels=use_bf16("auto", "cpu"))
+    probs = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            probs[name], cpu = cpu_timed(predict, model, faces, batch_size=256)
+        out[name] = dict(ms_per_face=round(1000 * cpu / len(y), 2),
+                         accuracy=round(float(np.mean(probs[name].argmax(1) == y)), 4))
+    a, b = probs["fp32"].argmax(1), probs["bf16"].argmax(1)
+    out.update(labels_differ=int((a != b).sum()), agreement=round(float(np.mean(a == b)), 4),
+               max_prob_diff=round(float(np.abs(probs["fp32"] - probs["bf16"]).max()), 4))
+    return out
+
+
 def crop_canny() -> dict:
     g = decode.decode_image((C.PHOTOS / "facenet_multiface_group.jpg").read_bytes())
     boxes = np.array([[100, 100, 120, 120]] * 64, np.int32)
@@ -301,7 +333,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     parts = dict(video_decode=lambda: video_decode(a.quick), parallel_decode=parallel_decode,
                  flops=flops, centerface_session=lambda: centerface_session(a.quick),
-                 image_decode=image_decode,
+                 image_decode=image_decode, classifier_bf16=lambda: classifier_bf16(a.quick),
                  detection=lambda: detection(a.quick), crop_canny=crop_canny,
                  inference=lambda: inference(a.quick))
     out = {}
