@@ -354,5 +354,10 @@ def check_detector(detector: str) -> None:
     Raises DetectorUnavailable naming the fix."""
     if detector == "centerface":
         centerface_path()
-        if importlib.util.find_spec("onnxruntime") is None:
+        if not installed("onnxruntime", "onnx"):  # load_centerface needs both
             raise DetectorUnavailable(NO_ONNXRUNTIME)
+
+
+def installed(*modules: str) -> bool:
+    """Whether every named module can be imported (found without importing it)."""
+    return all(importlib.util.find_spec(m) is not None for m in modules)

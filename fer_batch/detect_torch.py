@@ -19,7 +19,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from fer_batch.detect import DetectorUnavailable, centerface_path, decode_centerface
+from fer_batch.detect import (DetectorUnavailable, centerface_path, decode_centerface,
+                              installed)
 
 NO_ONNX2TORCH = ("--detect-on pool needs onnx and onnx2torch (CenterFace as a torch module): "
                  "run `python -m pip install onnx 'onnx2torch>=1.5'` (make setup does), or "
@@ -40,8 +41,7 @@ def load_centerface_torch(path: str | None = None, device: str = "cpu"):
 
 
 def torch_detector_installed() -> bool:
-    import importlib.util
-    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnx2torch"))
+    return installed("onnx", "onnx2torch")
 
 
 def check_torch_detector() -> None:
