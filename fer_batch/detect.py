@@ -251,7 +251,9 @@ def centerface_input(gray: np.ndarray, max_side: int, min_face: int = 0
     (1, 3, H, W) float32 in [0, 255], scale), ``centerface_small``'s frame with its gray plane
     repeated into the 3 colour planes the network was trained on."""
     small, scale = centerface_small(gray, max_side, min_face)
-    return np.repeat(small[None, None].astype(np.float32), 3, axis=1), scale
+    blob = np.empty((1, 3, *small.shape), np.float32)
+    blob[0] = small  # one pass: converted and repeated into the 3 planes at once
+    return blob, scale
 
 
 def decode_centerface(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray,
