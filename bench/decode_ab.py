@@ -1,13 +1,16 @@
 """fer_batch/decode.py at a git revision vs the working tree, in one process, alternating:
-every frame of the shared videos through decode.iter_frames (2 fps sampling, as annotate
-runs it). For changes to the decode loop; CPU seconds, so a busy machine matters less.
+the shared videos (or --videos) through decode.iter_frames at --sample-fps (2, as annotate
+runs it by default). For changes to the decode loop; CPU seconds, so a busy machine matters
+less. Both versions must yield the same frames (indexes, times, pixels): checked.
 
-    .venv/bin/python bench/decode_ab.py --before 79312ae [--rounds 3]
+    .venv/bin/python bench/decode_ab.py --before 79312ae [--rounds 3] [--sample-fps 2]
+        [--videos A.mp4 B.mp4]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import statistics
 import subprocess
@@ -33,29 +36,36 @@ def module_at(rev: str):
     return mod
 
 
-def decode_all(mod, videos) -> tuple[float, float, int]:
-    t, c, frames = time.perf_counter(), time.process_time(), 0
+def decode_all(mod, videos, sample_fps: float) -> tuple[float, float, int, str]:
+    """(wall s, CPU s, frames, digest of the sampled frames' indexes, times and pixels)."""
+    t, c, frames, digest = time.perf_counter(), time.process_time(), 0, hashlib.sha256()
     for v in videos:
         stats = mod.VideoStats()
-        for _ in mod.iter_frames(v, sample_fps=2.0, stats=stats):
-            pass
+        for index, ts, gray in mod.iter_frames(v, sample_fps=sample_fps, stats=stats):
+            digest.update(f"{v}:{index}:{ts}".encode())
+            digest.update(gray.tobytes())
         frames += stats.frames_decoded
-    return time.perf_counter() - t, time.process_time() - c, frames
+    return time.perf_counter() - t, time.process_time() - c, frames, digest.hexdigest()
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--before", required=True, help="git revision of the 'before' decode.py")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--sample-fps", type=float, default=2.0)
+    ap.add_argument("--videos", nargs="*", type=Path,
+                    help="videos to decode (default: the shared videos)")
     a = ap.parse_args(argv)
-    videos = sorted(p for p in C.VIDEOS.iterdir() if p.suffix.lower() in (".mp4", ".mov",
-                                                                          ".mkv", ".avi"))
+    videos = a.videos or sorted(p for p in C.VIDEOS.iterdir()
+                                if p.suffix.lower() in (".mp4", ".mov", ".mkv", ".avi"))
     codes = {f"before ({a.before})": module_at(a.before), "after (working tree)": decode}
     res: dict[str, list] = {k: [] for k in codes}
     for rnd in range(a.rounds):  # alternate the order so warm-up favours neither
         for name in (list(codes) if rnd % 2 == 0 else list(codes)[::-1]):
-            res[name].append(decode_all(codes[name], videos))
-    print(f"{len(videos)} videos from {C.VIDEOS}, {a.rounds} rounds\n")
+            res[name].append(decode_all(codes[name], videos, a.sample_fps))
+    same = len({x[3] for runs in res.values() for x in runs}) == 1
+    print(f"{len(videos)} videos ({', '.join(v.name for v in videos)}), {a.rounds} rounds, "
+          f"--sample-fps {a.sample_fps:g}; the same sampled frames from both: {same}\n")
     print("| decode.py | frames | wall s per round | CPU s per round | median CPU ms/frame |")
     print("|---|---|---|---|---|")
     for name, runs in res.items():

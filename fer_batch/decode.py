@@ -15,6 +15,8 @@ neither probing nor decoding allocates an oversized frame.
 from __future__ import annotations
 
 import errno
+import heapq
+import math
 import re
 import struct
 from fractions import Fraction
@@ -32,6 +34,10 @@ MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is 
 SLACK_FRAMES = 2  # frames a complete video may fall short of its container's count (priming)
 SLACK_SECONDS = 0.5  # seconds a complete video's last frame may end before its duration
 HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not media
+# codecs whose packets hold one frame each (MPEG-4 part 2 in AVI packs B-frames two to a
+# packet): their frames can be counted and timed from packets alone (_Skipper, segments.py)
+FRAME_PACKET_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
+SKIP_MARGIN_S = 1e-4  # seconds; frames this close to a sampling-grid point are always decoded
 
 
 class DecodeError(RuntimeError):
@@ -278,6 +284,7 @@ class VideoStats:
     def __init__(self):
         self.frames_decoded = 0
         self.frames_sampled = 0
+        self.frames_skipped = 0  # counted from packets, not decoded (the sampler drops them)
         self.bad_packets = 0
         self.error: str | None = None
 
@@ -450,13 +457,89 @@ class _Sampler:
         return True
 
 
+class _Skipper:
+    """Spares the decoder the frames the sampler will drop (--sample-fps), where it can.
+
+    The sampler keeps the first frame at or after each grid point k / sample_fps. A frame is
+    sure to be dropped when a frame of the same grid cell that comes before it went to the
+    decoder whole: the sampler meets that one first and moves its next sample time past the
+    cell. Such a frame's packet goes to the decoder with FFmpeg's ``skip_frame`` at NONREF
+    (ALL for intra-only codecs): a frame that later frames refer to (I, P, reference B) is
+    still decoded, the others (most B-frames) are not. Frames within SKIP_MARGIN_S of a grid
+    point are always decoded, so rounding cannot change which frames are kept.
+
+    The decoder then returns fewer frames than the video holds, so frames are counted from
+    the packets: ``passed(pts)``, called for each frame the decoder returns, gives the frames
+    before it that it did not return (skipped, or lost to damage), and the frame's index is
+    its rank in presentation order among all frames, as segments.py computes it. Only
+    codecs with one frame per packet (FRAME_PACKET_CODECS) are skipped in."""
+
+    def __init__(self, codec_context, step: float, base: Fraction, start: int,
+                 min_pts: int | None):
+        self.cc, self.step, self.base, self.start = codec_context, step, base, start
+        self.min_pts = min_pts  # a segment's keyframe: packets before it are not counted
+        self.level = "ALL" if codec_context.codec.intra_only else "NONREF"
+        self.setting = "DEFAULT"
+        self.whole: dict[int, float] = {}  # grid cell -> earliest time sent whole
+        self.pending: list[int] = []  # heap: pts of counted frames not yet returned
+
+    @classmethod
+    def of(cls, stream, sample_fps: float, every_n: int, base: Fraction, start: int,
+           min_pts: int | None) -> _Skipper | None:
+        """A skipper for the stream, or None when every frame must be decoded (every_n
+        sampling, a codec outside FRAME_PACKET_CODECS)."""
+        if every_n or sample_fps <= 0 or stream.codec_context.name not in FRAME_PACKET_CODECS:
+            return None
+        return cls(stream.codec_context, 1.0 / sample_fps, base, start, min_pts)
+
+    def seconds(self, pts: int) -> float:
+        return float((pts - self.start) * self.base)
+
+    def send(self, packet) -> None:
+        """Before the packet goes to the decoder: count its frame, and set skip_frame."""
+        pts, skip = packet.pts, False
+        if pts is not None and packet.size and not packet.is_discard and \
+                (self.min_pts is None or pts >= self.min_pts):
+            heapq.heappush(self.pending, pts)
+            t = self.seconds(pts)
+            cell = math.floor(t / self.step)
+            if cell * self.step + SKIP_MARGIN_S <= t <= (cell + 1) * self.step - SKIP_MARGIN_S:
+                first = self.whole.get(cell, math.inf)
+                skip = first < t and not packet.is_keyframe
+                if not skip and t < first:
+                    self.whole[cell] = t
+                    if len(self.whole) > 256:  # reordering spans a few frames: forget the past
+                        self.whole = {c: v for c, v in self.whole.items() if c >= cell - 16}
+        setting = self.level if skip else "DEFAULT"
+        if setting != self.setting:
+            self.cc.skip_frame = self.setting = setting
+
+    def passed(self, pts: int | None) -> list[int]:
+        """The pts of the counted frames before the returned frame at pts that the decoder
+        did not return; pts None (no time) passes none."""
+        out = []
+        if pts is None:
+            return out
+        while self.pending and self.pending[0] < pts:
+            out.append(heapq.heappop(self.pending))
+        if self.pending and self.pending[0] == pts:
+            heapq.heappop(self.pending)
+        return out
+
+    def rest(self) -> list[int]:
+        """The counted frames after the last one returned (at the end of the stream)."""
+        out, self.pending = sorted(self.pending), []
+        return out
+
+
 class _Packets:
     """The stream's decoded frames, packet by packet, skipping undecodable packets (counted
     in stats; more than MAX_BAD_PACKETS in a row gives the file up)."""
 
-    def __init__(self, container, stream, stats: VideoStats, logs, max_pixels: int):
+    def __init__(self, container, stream, stats: VideoStats, logs, max_pixels: int,
+                 skipper: _Skipper | None = None):
         self.container, self.stream, self.stats = container, stream, stats
-        self.logs, self.max_pixels = logs, max_pixels
+        self.logs, self.max_pixels, self.skipper = logs, max_pixels, skipper
         self.first_bad: str | None = None
 
     def frames(self) -> Iterator[av.VideoFrame]:
@@ -464,6 +547,8 @@ class _Packets:
         for packet in self.container.demux(self.stream):
             if len(self.logs) > 64:  # keep the log of a long, noisy video bounded
                 del self.logs[:-16]
+            if self.skipper is not None:
+                self.skipper.send(packet)
             try:
                 frames = packet.decode()
             except (av.FFmpegError, ValueError) as e:
@@ -502,12 +587,16 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     # one segment (segments.py): the index and the sampler's next time at its start
     index, next_t = window.start(container, stream) if window is not None else (-1, 0.0)
     sampler, last_t = _Sampler(sample_fps, every_n, next_t), None
-    packets = _Packets(container, stream, stats, logs, max_pixels)
+    key_pts = window.seg["key_pts"] if window is not None and window.do_seek else None
+    skipper = _Skipper.of(stream, sample_fps, every_n, base, start, key_pts)
+    packets = _Packets(container, stream, stats, logs, max_pixels, skipper)
     try:
         for frame in packets.frames():
             pts = frame.pts if frame.pts is not None else frame.dts
             if window is not None and window.skip(pts):  # before the segment's keyframe
                 continue
+            if skipper is not None:  # frames the decoder skipped count too
+                index += _count_passed(skipper, skipper.passed(pts), window, stats)
             index += 1
             stats.frames_decoded = index + 1
             t = float((pts - start) * base) if pts is not None else index * sampler.step
@@ -532,7 +621,22 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
         # an error waits for the GIL in PyAV's log callback: without this, a video that broke
         # off mid-decode (out of memory, say) could hang the worker for good.
         stream.codec_context.flush_buffers()
+    if skipper is not None and not (window is not None and window.ended):
+        rest = skipper.rest()  # skipped frames after the last one returned
+        stats.frames_decoded = index + 1 + _count_passed(skipper, rest, window, stats)
+        if rest:
+            last_t = max(last_t or 0.0, skipper.seconds(rest[-1]))
     stats.error = _verdict(stats, stream, container, window, last_t, packets.first_bad)
+
+
+def _count_passed(skipper: _Skipper, passed: list[int], window, stats: VideoStats) -> int:
+    """How many frames the decoder skipped (passed: their pts); a segment's window counts
+    those inside it."""
+    stats.frames_skipped += len(passed)
+    if window is not None:
+        for pts in passed:
+            window.count(skipper.seconds(pts))
+    return len(passed)
 
 
 def _verdict(stats: VideoStats, stream, container, window, last_t: float | None,

@@ -20,7 +20,7 @@ the index of a frame is its rank in presentation order among all frames of the v
 (``first_index`` counts the frames before the segment's keyframe), and with --sample-fps
 segment borders lie on the sampling grid (multiples of 1/sample_fps), where the sampler's
 state does not depend on earlier frames. Only codecs whose packets are one frame each are
-split (``SPLIT_CODECS``); others stay one task.
+split (``decode.FRAME_PACKET_CODECS``); others stay one task.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ import pyarrow as pa
 from fer_batch import decode, sink, storage
 from fer_batch.config import ANNOTATE_DEFAULTS as _D
 
-SPLIT_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
-# one packet = one frame in these codecs (MPEG-4 part 2 in AVI packs B-frames two to a packet)
 EPS_S = 1e-6  # seconds; the same tolerance as decode's sampler (t + 1e-6 >= next sample time)
 MARGIN_S = 1e-3  # seconds; a segment's decode starts at a keyframe this much before its start
 
@@ -107,7 +105,7 @@ def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
     """(pts, keyframe, time_base, start_pts, duration_s) of a video's first video stream,
     from its packets (demuxed, not decoded), when its header declares more than
     min_duration_s seconds; else None, as when it cannot be split exactly (no video stream,
-    a codec outside SPLIT_CODECS, packets without pts or with repeated pts)."""
+    a codec outside decode.FRAME_PACKET_CODECS, packets without pts or with repeated pts)."""
     import av
     with av.open(file, mode="r", metadata_errors="ignore",
                  options={"max_pixels": str(max_pixels)}) as container:
@@ -116,7 +114,7 @@ def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
         stream = container.streams.video[0]
         declared = decode._duration_s(stream, container)
         if not declared or declared <= min_duration_s or not stream.time_base or \
-                stream.codec_context.name not in SPLIT_CODECS:
+                stream.codec_context.name not in decode.FRAME_PACKET_CODECS:
             return None
         pts, key = [], []
         for packet in container.demux(stream):
@@ -237,7 +235,12 @@ class Window:
         if t + EPS_S >= self.hi:
             self.ended = True
             return False
-        inside = t + EPS_S >= self.lo
+        return self.count(t)
+
+    def count(self, t: float) -> bool:
+        """Counts a frame at t seconds (one decoded, or one the decoder skipped) when it
+        belongs to the segment; whether it does."""
+        inside = self.lo <= t + EPS_S < self.hi
         self.frames += inside
         return inside
 

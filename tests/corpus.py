@@ -97,6 +97,35 @@ def write_video(path, frames, *, fps: int = FPS, codec: str = "libx264",
     return path
 
 
+def write_numbered_video(path, n_frames: int, *, fps: int = FPS, gop: int = 20,
+                         vfr: bool = False, frame=None) -> str:
+    """A real H.264 video (B-frames, a keyframe every gop frames) whose frame i shows its own
+    number as a bar position, so frames are told apart by their pixels. vfr: irregular
+    timestamps (a 1/1000 s time base, intervals of 70-130 ms)."""
+    rng = np.random.default_rng(0)
+    h, w = (64, 96) if frame is None else frame(0).shape
+    with av.open(str(path), mode="w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.gop_size = gop
+        s.codec_context.options = {"keyint_min": str(gop), "sc_threshold": "0", "bf": "2"}
+        if vfr:
+            s.codec_context.time_base = Fraction(1, 1000)
+        t_ms = 0
+        for i in range(n_frames):
+            g = np.full((h, w), 40, np.uint8) if frame is None else frame(i).copy()
+            g[:8, (i * 3) % w] = 255
+            f = av.VideoFrame.from_ndarray(np.dstack([g] * 3), format="rgb24")
+            if vfr:
+                f.pts, f.time_base = t_ms, Fraction(1, 1000)
+                t_ms += int(rng.integers(70, 131))
+            for p in s.encode(f):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return str(path)
+
+
 def write_long_video(path, seconds: int = 60, width: int = W, height: int = H) -> Path:
     """A video of FPS * seconds frames with the face only in its first and last second, so
     that detection stays cheap while decoding goes through all of it."""

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import encode_video, face_image
+from corpus import corrupt_middle, write_numbered_video
 from fer_batch import decode
 
 
@@ -59,6 +60,46 @@ def test_truncated_video_keeps_decoded_frames_and_reports(tmp_path):
                                   stats=stats))
     assert 0 < len(got) < 20
     assert stats.frames_decoded == len(got)
+
+
+@pytest.fixture(scope="module")
+def bframes(tmp_path_factory):
+    """15 s at 10 fps of H.264 with B-frames (two between references), a keyframe every 2 s."""
+    return write_numbered_video(tmp_path_factory.mktemp("b") / "b.mp4", 150)
+
+
+def sampled_from_every_frame(data: bytes, sample_fps: float) -> list:
+    """The frames --sample-fps keeps, picked by decode's sampler from every decoded frame."""
+    sampler = decode._Sampler(sample_fps, 0)
+    return [(i, t, g.tobytes()) for i, t, g in decode.iter_frames(io.BytesIO(data), every_n=1)
+            if sampler.keep(i, t)]
+
+
+@pytest.mark.parametrize("sample_fps", [0.7, 2.0, 3.0, 10.0])
+def test_sampling_skips_the_dropped_b_frames_and_keeps_the_same_frames(bframes, sample_fps):
+    data = open(bframes, "rb").read()
+    stats = decode.VideoStats()
+    got = [(i, t, g.tobytes()) for i, t, g in
+           decode.iter_frames(io.BytesIO(data), sample_fps=sample_fps, stats=stats)]
+    assert got == sampled_from_every_frame(data, sample_fps)  # indexes, times, pixels
+    assert stats.frames_decoded == 150 and stats.error is None
+    if sample_fps == 10.0:  # every frame is sampled: nothing to skip
+        assert stats.frames_skipped == 0
+    else:  # most of the 45 non-reference B-frames are not decoded (24 of them at 3 fps)
+        assert stats.frames_skipped >= 20
+
+
+def test_skipping_in_a_damaged_video_keeps_indexes_true_to_timestamps(bframes):
+    """Frames lost to damage still count: a frame's index is its rank among the video's
+    frames (timestamp x 10 fps here), whether the frames before it were decoded, skipped
+    or undecodable."""
+    data = corrupt_middle(open(bframes, "rb").read())
+    stats = decode.VideoStats()
+    got = list(decode.iter_frames(io.BytesIO(data), sample_fps=2.0, stats=stats))
+    assert stats.bad_packets > 0 and "undecodable" in stats.error
+    assert stats.frames_skipped > 0
+    assert [i for i, _, _ in got] == [round(t * 10) for _, t, _ in got]
+    assert len(got) >= 25  # 30 samples in 15 s, a few lost to the damage
 
 
 def test_rotation_metadata_is_applied(tmp_path):
