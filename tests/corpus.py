@@ -98,17 +98,20 @@ def write_video(path, frames, *, fps: int = FPS, codec: str = "libx264",
 
 
 def write_numbered_video(path, n_frames: int, *, fps: int = FPS, gop: int = 20,
-                         vfr: bool = False, frame=None) -> str:
-    """A real H.264 video (B-frames, a keyframe every gop frames) whose frame i shows its own
-    number as a bar position, so frames are told apart by their pixels. vfr: irregular
-    timestamps (a 1/1000 s time base, intervals of 70-130 ms)."""
+                         bframes: int = 2, x264_params: str = "", vfr: bool = False,
+                         frame=None) -> str:
+    """A real H.264 video (bframes B-frames between references, a keyframe every gop
+    frames; the container from path's suffix) whose frame i shows its own number as a bar
+    position, so frames are told apart by their pixels. vfr: irregular timestamps (a 1/1000
+    s time base, intervals of 70-130 ms). x264_params: more x264 settings, e.g. open-gop=1."""
     rng = np.random.default_rng(0)
     h, w = (64, 96) if frame is None else frame(0).shape
     with av.open(str(path), mode="w") as out:
         s = out.add_stream("libx264", rate=fps)
         s.width, s.height, s.pix_fmt = w, h, "yuv420p"
         s.codec_context.gop_size = gop
-        s.codec_context.options = {"keyint_min": str(gop), "sc_threshold": "0", "bf": "2"}
+        s.codec_context.options = {"keyint_min": str(gop), "sc_threshold": "0",
+                                   "bf": str(bframes), "x264-params": x264_params}
         if vfr:
             s.codec_context.time_base = Fraction(1, 1000)
         t_ms = 0

@@ -62,10 +62,19 @@ def test_truncated_video_keeps_decoded_frames_and_reports(tmp_path):
     assert stats.frames_decoded == len(got)
 
 
+ENCODINGS = {  # 15 s at 10 fps, H.264
+    "b-frames": dict(gop=20),  # two B-frames between references, a keyframe every 2 s
+    "p-frames, 1 s gops": dict(gop=10, bframes=0),
+    "open gops": dict(gop=10, bframes=3, x264_params="open-gop=1"),
+    "matroska": dict(gop=7, suffix=".mkv"),
+}
+
+
 @pytest.fixture(scope="module")
-def bframes(tmp_path_factory):
-    """15 s at 10 fps of H.264 with B-frames (two between references), a keyframe every 2 s."""
-    return write_numbered_video(tmp_path_factory.mktemp("b") / "b.mp4", 150)
+def encoded(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("enc")
+    return {name: write_numbered_video(folder / f"{i}{kw.pop('suffix', '.mp4')}", 150, **kw)
+            for i, (name, kw) in enumerate((n, dict(k)) for n, k in ENCODINGS.items())}
 
 
 def sampled_from_every_frame(data: bytes, sample_fps: float) -> list:
@@ -75,25 +84,34 @@ def sampled_from_every_frame(data: bytes, sample_fps: float) -> list:
             if sampler.keep(i, t)]
 
 
-@pytest.mark.parametrize("sample_fps", [0.7, 2.0, 3.0, 10.0])
-def test_sampling_skips_the_dropped_b_frames_and_keeps_the_same_frames(bframes, sample_fps):
-    data = open(bframes, "rb").read()
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("sample_fps", [0.5, 2.0, 3.0, 10.0])
+def test_sampling_skips_frames_it_drops_and_keeps_the_same_frames(encoded, encoding,
+                                                                  sample_fps):
+    """The decoder skips frames the sampler drops (non-reference B-frames; runs of frames up
+    to the next keyframe), and the sampled frames, their indexes, times and pixels, and the
+    frame count are those of decoding every frame."""
+    data = open(encoded[encoding], "rb").read()
     stats = decode.VideoStats()
     got = [(i, t, g.tobytes()) for i, t, g in
            decode.iter_frames(io.BytesIO(data), sample_fps=sample_fps, stats=stats)]
-    assert got == sampled_from_every_frame(data, sample_fps)  # indexes, times, pixels
+    assert got == sampled_from_every_frame(data, sample_fps)
     assert stats.frames_decoded == 150 and stats.error is None
     if sample_fps == 10.0:  # every frame is sampled: nothing to skip
         assert stats.frames_skipped == 0
-    else:  # most of the 45 non-reference B-frames are not decoded (24 of them at 3 fps)
+    else:
         assert stats.frames_skipped >= 20
+    if encoding == "p-frames, 1 s gops" and sample_fps == 0.5:
+        # one sample per 2 s: of each 2 s, the frames after the sampled one up to the
+        # next keyframe and the second second's frames after its keyframe are not decoded
+        assert stats.frames_skipped >= 120
 
 
-def test_skipping_in_a_damaged_video_keeps_indexes_true_to_timestamps(bframes):
+def test_skipping_in_a_damaged_video_keeps_indexes_true_to_timestamps(encoded):
     """Frames lost to damage still count: a frame's index is its rank among the video's
     frames (timestamp x 10 fps here), whether the frames before it were decoded, skipped
     or undecodable."""
-    data = corrupt_middle(open(bframes, "rb").read())
+    data = corrupt_middle(open(encoded["b-frames"], "rb").read())
     stats = decode.VideoStats()
     got = list(decode.iter_frames(io.BytesIO(data), sample_fps=2.0, stats=stats))
     assert stats.bad_packets > 0 and "undecodable" in stats.error
