@@ -51,8 +51,11 @@ class AnnotateConfig:
                                       "input")
 
     # --- video sampling
-    sample_fps: float = opt(2.0, "Frames per second sampled from each video, by timestamp.",
-                            "video", gt=0)
+    sample_fps: float = opt(2.0, "Frames per second sampled from each video, by timestamp "
+                            "(the first frame at or after each multiple of 1/F). The decoder "
+                            "skips frames this drops where the codec allows (B-frames nothing "
+                            "refers to; frames up to the next keyframe), so a lower rate also "
+                            "decodes less.", "video", gt=0)
     every_n_frames: int = opt(0, "Take every N-th decoded frame instead of --sample-fps "
                               "(1 = every frame).", "video", min=0)
     all_frames: bool = opt(False, "Take every frame (same as --every-n-frames 1).", "video")

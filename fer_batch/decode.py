@@ -40,6 +40,7 @@ HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not me
 FRAME_PACKET_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
 SKIP_MARGIN_S = 1e-4  # seconds; frames this close to a sampling-grid point are always decoded
 LOOKAHEAD = 512  # packets read ahead at most to find the next keyframe (_Skipper)
+LOOKAHEAD_BYTES = 32 << 20  # and bytes: a 4K stream's packets are large
 REORDER_PACKETS = 16  # packets after a keyframe checked for frames shown before it
 # containers whose keyframe flags mark random-access points (MP4/MOV sync samples, Matroska
 # key blocks), as FFmpeg names them
@@ -476,10 +477,11 @@ class _Skipper:
     - NONREF (ALL for intra-only codecs): decoded only when later frames refer to it (I, P,
       reference B), skipped otherwise (most B-frames);
     - NONKEY, with every frame after it up to the next keyframe (read ahead, at most
-      LOOKAHEAD packets), when all those frames lie in the same cell after the witness, the
-      keyframe is at or before the next grid point and no frame after it is shown before it
-      (no open GOP): nothing that is sampled can refer to them. MP4/MOV and Matroska/WebM
-      only, whose keyframe flags mark where decoding may start (the seek points).
+      LOOKAHEAD packets and LOOKAHEAD_BYTES), when all those frames lie in the same cell
+      after the witness, the keyframe is at or before the next grid point and no frame
+      after it is shown before it (no open GOP): nothing that is sampled can refer to them.
+      MP4/MOV and Matroska/WebM only, whose keyframe flags mark where decoding may start
+      (the seek points).
 
     The decoder then returns fewer frames than the video holds, so frames are counted from
     the packets: ``passed(pts)``, called for each frame the decoder returns, gives the frames
@@ -562,11 +564,12 @@ class _Skipper:
         the next keyframe, when they all lie after the witness and before next_grid, the
         keyframe is at or before next_grid and no frame after it is shown before it; None
         when the current packet must not be dropped."""
-        i = 0
-        while i < LOOKAHEAD:
+        i, held = 0, 0
+        while i < LOOKAHEAD and held < LOOKAHEAD_BYTES:
             q = self._peek(i)
             if q is None or not q.size:  # the end of the stream: nothing comes after
                 return i
+            held += q.size
             if q.pts is None or q.is_discard:
                 return None
             t = self.seconds(q.pts)
