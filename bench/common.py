@@ -183,8 +183,8 @@ class TreeSampler:
                 rss += m.rss
                 t = p.cpu_times()
                 self.cpu[p.pid] = t.user + t.system + t.children_user + t.children_system
-                if p.pid not in self.names:
-                    self.names[p.pid] = proc_name(p)
+                if self.names.get(p.pid, "ray::IDLE") in ("ray::IDLE", "default_worker"):
+                    self.names[p.pid] = proc_name(p)  # a worker's task or actor, once known
             except psutil.Error:
                 pass
         self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)

@@ -8,19 +8,23 @@ the GPU. The work is split where the bytes are smallest:
     pool (GPU):     [(H, W) uint8, ...] -> CenterFaceBatch -> [(boxes, scores), ...]
     cropper (CPU):  detect.centerface_boxes (NMS, scale back, Haar framing) -> boxes
 
-A 1080p frame travels as 576x352 bytes (200 KB) and comes back as a few candidate boxes;
+``PoolDetector`` is the croppers' side (both cropper steps; it pickles into every cropper),
+``CenterFaceBatch`` the pool actor's. A 1080p frame travels as 576x352 bytes (200 KB) and
+comes back as a few candidate boxes;
 the full frame stays with the cropper, which cuts the 48x48 faces from it. The pool's
 boxes equal ONNX Runtime's within a pixel (tests/test_detect_pool.py).
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 
 import numpy as np
 
-from fer_batch.detect import (DetectorUnavailable, centerface_path, decode_centerface,
-                              installed)
+from fer_batch.config import DetectorSettings
+from fer_batch.detect import (DetectorUnavailable, centerface_boxes, centerface_path,
+                              centerface_small, decode_centerface, installed)
 
 NO_ONNX2TORCH = ("--detect-on pool needs onnx and onnx2torch (CenterFace as a torch module): "
                  "run `python -m pip install onnx 'onnx2torch>=1.5'` (make setup does), or "
@@ -68,7 +72,7 @@ class CenterFaceBatch:
         self.net = load_centerface_torch(path, device)
 
     def detect(self, smalls: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The pool actor's method (pipeline.PoolDetector calls it): the same as calling."""
+        """The pool actor's method (PoolDetector below calls it): the same as calling."""
         return self(smalls)
 
     def __call__(self, smalls: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -88,3 +92,27 @@ class CenterFaceBatch:
                         out[i] = decode_centerface(heat[k:k + 1], sizes[k:k + 1],
                                                    offset[k:k + 1], self.threshold)
         return out
+
+
+class PoolDetector:
+    """The croppers' side of the detector pool (--detect-on pool), passed to every
+    FaceCropper (it pickles: actor handles and settings). A call downscales its frames
+    (detect.centerface_small), sends them to one pool actor (in turn, from a random start)
+    and finishes the candidates that come back (detect.centerface_boxes): [gray] -> [boxes]."""
+
+    def __init__(self, actors: list, settings: DetectorSettings):
+        self.actors, self.settings = actors, settings
+        self.turn = int.from_bytes(os.urandom(2), "little")  # croppers spread over the pool
+
+    def __call__(self, grays: list) -> list:
+        import ray  # the croppers' process has it; the pool's module stays importable without
+        if not grays:
+            return []
+        s = self.settings
+        smalls, scales = zip(*(centerface_small(g, s.centerface_max_side, s.min_face)
+                                for g in grays))
+        self.turn += 1
+        found = ray.get(self.actors[self.turn % len(self.actors)].detect.remote(list(smalls)))
+        return [centerface_boxes(boxes, scores, scale, g.shape, threshold=s.centerface_threshold,
+                                 min_face=s.min_face)
+                for (boxes, scores), scale, g in zip(found, scales, grays)]

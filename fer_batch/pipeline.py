@@ -28,6 +28,7 @@ from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
 from fer_batch import readers, runs, segments, sink, sources, storage
+from fer_batch.attempts import AttemptCounter, AttemptLedger
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
 from fer_batch.model import load_checkpoint
@@ -100,114 +101,6 @@ def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[di
     if group:
         units.append(group)
     return [{"files": json.dumps(u)} for u in units]
-
-
-@ray.remote(num_cpus=0)
-class AttemptLedger:
-    """Counts how often each file was started without finishing, so a file that kills its
-    worker every time (a decoder segfault, an OOM kill) is recorded as an error after a
-    bounded number of tries instead of being retried forever by Ray's actor restarts.
-    A file that finished is forgotten: when a task of several files is retried after a
-    crash, only the file that was running when the worker died is counted against."""
-
-    def __init__(self):
-        self.counts: dict[str, int] = {}
-        self.stalls: dict[str, float] = {}  # uri -> seconds without progress, when it hung
-        self.done = [0, 0, 0]  # files, frames, faces
-
-    def begin(self, uri: str) -> int:
-        self.counts[uri] = self.counts.get(uri, 0) + 1
-        return self.counts[uri]
-
-    def stalled(self, uri: str, seconds: float) -> None:
-        """The worker on uri is about to end itself: no progress for `seconds`."""
-        self.stalls[uri] = seconds
-
-    def give_up_reason(self, uri: str) -> str:
-        """Why the tries of uri ended their workers, for its error row."""
-        tries = self.counts.get(uri, 1) - 1
-        if uri in self.stalls:
-            return (f"hung: no progress for {self.stalls[uri]:.0f} s (--stall-timeout-s), "
-                    f"{tries} tries; gave up")
-        return (f"worker died {tries} times while processing this file (decoder crash, hang "
-                "holding the interpreter, or out of memory); gave up")
-
-    def finish(self, uri: str, frames: int = 0, faces: int = 0, files: float = 1) -> None:
-        """uri is done; files: the share of a file it was (1 / count for a segment)."""
-        self.counts.pop(uri, None)
-        self.stalls.pop(uri, None)
-        self.done = [a + b for a, b in zip(self.done, (files, frames, faces))]
-
-    def progress(self) -> list[int]:
-        """[files, frames, faces] finished so far (for the console; a file redone after a
-        worker crash counts again)."""
-        return [int(self.done[0] + 1e-6), *self.done[1:]]
-
-
-class AttemptCounter:
-    """Picklable callable handed to FaceCropper: uri -> attempt number (1 = first try);
-    .alive() on each decoded frame; .finish(uri) when the file is done (not waited for);
-    .give_up_reason(uri) for the error row of a file whose tries all ended their workers.
-
-    With stall_timeout_s > 0 it is also the worker's watchdog (docs/failures.md): a file
-    without progress for that long is noted in the ledger and the worker ends itself, like
-    a crash: Ray restarts it and retries the task, and the ledger bounds the tries. A hang
-    in C code that holds the interpreter lock stops the watchdog thread too; faulthandler's
-    C-level timer (armed a little later) ends the worker then."""
-
-    def __init__(self, ledger, stall_timeout_s: float = 0.0):
-        self.ledger, self.stall_timeout_s = ledger, stall_timeout_s
-        self._current = None  # (uri, time of last progress) while a file is processed
-        self._thread = None
-
-    def __getstate__(self):  # what travels to the actors: no thread, no current file
-        return dict(ledger=self.ledger, stall_timeout_s=self.stall_timeout_s)
-
-    def __setstate__(self, state):
-        self.__init__(**state)
-
-    def __call__(self, uri: str) -> int:
-        tries = ray.get(self.ledger.begin.remote(uri))
-        if self.stall_timeout_s > 0:
-            import faulthandler
-            self._current = (uri, time.monotonic())
-            faulthandler.dump_traceback_later(self.stall_timeout_s + 10, exit=True)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._watch, daemon=True,
-                                                name="fer-batch-watchdog")
-                self._thread.start()
-        return tries
-
-    def alive(self) -> None:
-        if self._current is not None:
-            self._current = (self._current[0], time.monotonic())
-
-    def finish(self, uri: str, frames: int = 0, faces: int = 0, files: float = 1) -> None:
-        self._current = None
-        self.ledger.finish.remote(uri, frames, faces, files)
-
-    def give_up_reason(self, uri: str) -> str:
-        return ray.get(self.ledger.give_up_reason.remote(uri))
-
-    def _watch(self) -> None:
-        import faulthandler
-        import signal
-        limit = self.stall_timeout_s
-        every = min(5.0, max(0.2, limit / 4))
-        while True:
-            time.sleep(every)
-            current = self._current
-            if current is None:
-                faulthandler.cancel_dump_traceback_later()
-                continue
-            idle = time.monotonic() - current[1]
-            if idle > limit:
-                try:
-                    ray.get(self.ledger.stalled.remote(current[0], idle), timeout=30)
-                finally:
-                    os.kill(os.getpid(), signal.SIGKILL)  # as a crash: Ray retries the task
-            # backstop for a hang that holds the GIL (this thread stops too): a C timer
-            faulthandler.dump_traceback_later(limit - idle + 2 * every, exit=True)
 
 
 class StagingSink(Datasink):
@@ -304,30 +197,6 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         out.release()
 
 
-class PoolDetector:
-    """The croppers' side of the detector pool (--detect-on pool), passed to every
-    FaceCropper (it pickles: actor handles and settings). A call downscales its frames
-    (detect.centerface_small), sends them to one pool actor (in turn, from a random start)
-    and finishes the candidates that come back (detect.centerface_boxes): [gray] -> [boxes]."""
-
-    def __init__(self, actors: list, settings: DetectorSettings):
-        self.actors, self.settings = actors, settings
-        self.turn = int.from_bytes(os.urandom(2), "little")  # croppers spread over the pool
-
-    def __call__(self, grays: list) -> list:
-        from fer_batch.detect import centerface_boxes, centerface_small
-        if not grays:
-            return []
-        s = self.settings
-        smalls, scales = zip(*(centerface_small(g, s.centerface_max_side, s.min_face)
-                                for g in grays))
-        self.turn += 1
-        found = ray.get(self.actors[self.turn % len(self.actors)].detect.remote(list(smalls)))
-        return [centerface_boxes(boxes, scores, scale, g.shape, threshold=s.centerface_threshold,
-                                 min_face=s.min_face)
-                for (boxes, scores), scale, g in zip(found, scales, grays)]
-
-
 def detect_in_pool(cfg: AnnotateConfig, use_gpu: bool) -> bool:
     """--detect-on: pool, or auto on GPUs with centerface (and onnx2torch installed)."""
     from fer_batch.detect_torch import torch_detector_installed
@@ -336,10 +205,11 @@ def detect_in_pool(cfg: AnnotateConfig, use_gpu: bool) -> bool:
     return cfg.detect_on == "pool"
 
 
-def start_detector_pool(cfg: AnnotateConfig, use_gpu: bool, n_gpu: int) -> PoolDetector:
+def start_detector_pool(cfg: AnnotateConfig, use_gpu: bool, n_gpu: int):
     """One CenterFace actor per GPU, each on half of it (the classifier takes the other
-    half), or one on the CPU sharing the croppers' cores, like the classifier there."""
-    from fer_batch.detect_torch import CenterFaceBatch
+    half), or one on the CPU sharing the croppers' cores, like the classifier there.
+    Returns the croppers' side of it, a detect_torch.PoolDetector."""
+    from fer_batch.detect_torch import CenterFaceBatch, PoolDetector
     # a detector that dies (a GPU fault, out of GPU memory) is restarted and the call retried
     # (it has no state); a call that still fails becomes that file's error row
     actor = ray.remote(CenterFaceBatch).options(num_cpus=0, num_gpus=0.5 if use_gpu else 0,
@@ -432,9 +302,9 @@ def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) ->
     return out
 
 
-@ray.remote(max_retries=-1)  # a worker lost mid-probe: again (the ledger bounds the tries)
-def _split_units(units: list, kw: dict) -> list:
-    return [row for unit in units for row in segments.split_unit(unit, **kw)]
+# a worker lost mid-probe: again (the ledger bounds the tries). The function lives in
+# segments.py, so its workers import that light module, not this one (torch, Ray Data).
+_split_units = ray.remote(max_retries=-1)(segments.split_units)
 
 
 @contextlib.contextmanager

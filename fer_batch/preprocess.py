@@ -194,7 +194,7 @@ class FaceCropper:
                  crop_margin: float = TRAIN_DEFAULTS.crop_margin, pool=None):
         """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint. pool:
         detection in the GPU pool (--detect-on pool), a callable [gray frames] -> [boxes]
-        (pipeline.PoolDetector); None = detect here with `detection`'s detector."""
+        (detect_torch.PoolDetector); None = detect here with `detection`'s detector."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
         # here: gray (h, w) uint8 -> boxes (n, 4) int32; in the pool: frames wait for a call
         self.detector = load_detector(detection) if pool is None else None

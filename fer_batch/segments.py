@@ -166,6 +166,11 @@ def split_unit(row: dict, *, segment_s: float = _D.segment_seconds,
     return [{"files": json.dumps([dict(entry, segment=seg)])} for seg in plan]
 
 
+def split_units(units: list, kw: dict) -> list[dict]:
+    """split_unit over several work units (the body of pipeline's Ray task)."""
+    return [row for unit in units for row in split_unit(unit, **kw)]
+
+
 def video_uri(row: dict) -> str | None:
     """The uri of a work unit holding one video (or one of its segments), else None."""
     entries = json.loads(str(row["files"]))
