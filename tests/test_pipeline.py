@@ -154,3 +154,26 @@ def test_small_images_are_grouped_into_tasks_videos_run_alone():
     flat = [e["uri"] for u in units for e in u]  # every file exactly once, fields kept
     assert sorted(flat) == sorted(e["uri"] for e in img + [vid, big])
     assert set(units[1][0]) == {"uri", "media_type", "size_bytes", "mtime_ns"}
+
+
+def test_what_the_croppers_unpickle_does_not_import_torch():
+    """Cropper actors, split tasks and the attempt ledger load what they are sent (the
+    attempt counter, the split task's function, the cropper and pool-detector classes);
+    none of it may pull in torch or Ray Data, which cost each such process ~3.5 CPU s and
+    ~750 MB (BENCHMARKS.md section 11)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from fer_batch import segments
+    from fer_batch.attempts import AttemptCounter
+    from fer_batch.detect_torch import PoolDetector
+    from fer_batch.preprocess import FaceCropper
+    sent = cloudpickle.dumps([AttemptCounter(None, 300.0), segments.split_units, FaceCropper,
+                              PoolDetector])
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            "print(sorted(m for m in ('torch', 'ray.data') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], input=sent, capture_output=True,
+                         check=True, timeout=120)
+    assert out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
