@@ -108,15 +108,15 @@ def main(argv=None):
     net = run["cpu_s"] - fixed["cpu_s"]
     factor = net / alone["cpu_s"]
     res = dict(source=source, all_frames=a.all_frames, video=video, machine=state,
-               git=C._git_head(), one_photo_run=fixed, video_run=run, in_process=alone, pipeline_net_cpu_s=round(net, 1),
-               factor=round(factor, 2))
+               one_photo_run=fixed, video_run=run, in_process=alone,
+               pipeline_net_cpu_s=round(net, 1), factor=round(factor, 2))
     if a.out:
         C.save_json(Path(a.out), res)
     what = " ".join(a.source) if a.source else \
         f"{video['seconds']} s of 1920x1080 H.264 ({video['bytes'] / 2**20:.0f} MiB)"
-    print(f"\n{what}, {'--all-frames' if a.all_frames else 'shipped defaults'}; machine: {state.get('cpu_model')}, {state.get('cpus')} CPUs, load "
-          f"{state.get('loadavg')}; "
-          f"git {res['git']}\n")
+    print(f"\n{what}, {'--all-frames' if a.all_frames else 'shipped defaults'}; machine: "
+          f"{state.get('cpu_model')}, {state.get('cpus')} CPUs, load {state.get('loadavg')}; "
+          f"git {state.get('git')}\n")
     print("| run | rc | wall s | CPU s (process tree) | peak RSS MiB (tree) | faces |")
     print("|---|---|---|---|---|---|")
     print(f"| one photo (start-up, model, commit) | {fixed['rc']} | {fixed['wall_s']} | "

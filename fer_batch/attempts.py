@@ -4,7 +4,7 @@ croppers' watchdog (docs/failures.md).
 Kept apart from pipeline.py on purpose: every cropper actor and every split task unpickles
 an ``AttemptCounter``, which imports this module in the worker, and pipeline.py imports
 torch (the classifier) and Ray Data. A cropper needs neither: importing pipeline.py cost
-each of them ~3.5 CPU s and ~750 MB of memory (BENCHMARKS.md section 11).
+each of them ~3.8 CPU s and ~750 MB of memory (BENCHMARKS.md section 11).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import os
 from collections import defaultdict
 
 import numpy as np
+import ray
 
 from fer_batch.config import DetectorSettings
 from fer_batch.detect import (DetectorUnavailable, centerface_boxes, centerface_path,
@@ -105,7 +106,6 @@ class PoolDetector:
         self.turn = int.from_bytes(os.urandom(2), "little")  # croppers spread over the pool
 
     def __call__(self, grays: list) -> list:
-        import ray  # the croppers' process has it; the pool's module stays importable without
         if not grays:
             return []
         s = self.settings

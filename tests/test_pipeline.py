@@ -159,7 +159,7 @@ def test_small_images_are_grouped_into_tasks_videos_run_alone():
 def test_what_the_croppers_unpickle_does_not_import_torch():
     """Cropper actors, split tasks and the attempt ledger load what they are sent (the
     attempt counter, the split task's function, the cropper and pool-detector classes);
-    none of it may pull in torch or Ray Data, which cost each such process ~3.5 CPU s and
+    none of it may pull in torch or Ray Data, which cost each such process ~3.8 CPU s and
     ~750 MB (BENCHMARKS.md section 11)."""
     import subprocess
     import sys
