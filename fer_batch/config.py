@@ -214,10 +214,18 @@ class TrainConfig:
     precision: str = opt("auto", "auto (bf16 autocast on GPUs and on CPUs with bf16 support, "
                          "else fp32), bf16 or fp32.", "model", choices=("auto", "bf16", "fp32"))
     schedule: str = opt("constant", "Learning-rate schedule: constant (paper), cosine (5%% "
-                        "warm-up, then decay to 0) or onecycle (warm-up to --lr, then decay).",
-                        "model", choices=("constant", "cosine", "onecycle"))
+                        "warm-up, then decay to 0), onecycle (warm-up to --lr, then decay) or "
+                        "restarts (cosine with warm restarts: cycles of 1/7, 2/7 and 4/7 of "
+                        "--epochs, each annealed to 0, so a long campaign can stop with a "
+                        "finished model at the end of each cycle: --stop-after).", "model",
+                        choices=("constant", "cosine", "onecycle", "restarts"))
     label_smoothing: float = opt(0.0, "Cross-entropy label smoothing (paper: 0).", "model")
     weight_decay: float = opt(0.0, "Adam L2 penalty (paper: 0).", "model")
+    calibration_fraction: float = opt(0.0, "Share of the training images held out "
+                                      "(stratified, --seed) and never trained on, to fit the "
+                                      "temperature that makes the scores mean what they say "
+                                      "(stored in the checkpoint; annotate and evaluate apply "
+                                      "it). 0 = no temperature (1).", "split", min=0, max=0.5)
     channels: str = opt("equalized", "Model input planes, comma-separated: equalized (the "
                         "equalized gray crop) and canny (its Canny edges, the paper's edge "
                         "step as a second channel). Stored in the checkpoint; annotation "
@@ -232,8 +240,19 @@ class TrainConfig:
     storage_path: Optional[str] = opt(None, "Where Ray Train keeps per-epoch checkpoints "
                                       "(default: OUTPUT/_ray_train; use shared storage or s3:// "
                                       "on a multi-node cluster).", "cluster")
-    resume_from: Optional[str] = opt(None, "Resume from a Ray Train checkpoint folder "
-                                     "(state.pt) left by an interrupted run.", "cluster")
+    resume_from: Optional[str] = opt(None, "Resume a run from its Ray Train checkpoints: a "
+                                     "run folder under --storage-path (its newest "
+                                     "checkpoint_*) or one checkpoint_* folder (state.pt: "
+                                     "weights, optimizer, epoch, RNG). With the same --epochs "
+                                     "and --schedule the run continues the same schedule "
+                                     "exactly.", "cluster")
+    run_name: Optional[str] = opt(None, "Name of the run's checkpoint folder under "
+                                  "--storage-path (default fer-train-DATE-TIME); a campaign "
+                                  "names it once and resumes it by that name.", "cluster")
+    stop_after: int = opt(0, "Stop after this epoch (0 = at --epochs): that epoch's model is "
+                          "scored and written as model.pt, and the per-epoch checkpoints stay "
+                          "under --storage-path for a later --resume-from, which goes on with "
+                          "the same schedule.", "cluster", min=0)
 
 
 # The defaults as values, for stage constructors and functions called outside the CLI (tests,

@@ -25,20 +25,15 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
-            batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False,
-            flip_average: bool = ANNOTATE_DEFAULTS.flip_average) -> np.ndarray:
-    """Class probabilities for prepared faces.
+def predict_logits(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
+                   batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False,
+                   flip_average: bool = ANNOTATE_DEFAULTS.flip_average) -> np.ndarray:
+    """Logits for prepared faces, one view per face, or two with flip_average (the face and
+    its mirror image).
 
-    Parameters
-    ----------
     faces: np.ndarray, shape = (n, C, 48, 48), uint8 (output of preprocess.prepare_faces).
     progress: show a progress bar of faces scored (evaluate, on the console).
-    flip_average: the mean of the probabilities of each face and of its mirror image.
-
-    Returns
-    -------
-    probs: np.ndarray, shape = (n, num_classes), float32, rows sum to 1.
+    Returns logits: np.ndarray, shape = (n, views, num_classes), float32.
     """
     from fer_batch.console import progress_bar
     device = device or next(model.parameters()).device
@@ -46,21 +41,36 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
     bar = progress_bar(len(faces), "scoring", "face") if progress else None
     for i in range(0, len(faces), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(faces[i:i + batch_size])).to(device)
-        probs = _probs(model, x, device)
+        views = [_logits(model, x, device)]
         if flip_average:
-            probs = (probs + _probs(model, x.flip(-1), device)) / 2
-        out.append(probs.cpu().numpy())
+            views.append(_logits(model, x.flip(-1), device))
+        out.append(torch.stack(views, dim=1).cpu().numpy())
         if bar is not None:
             bar.update(len(x))
     if bar is not None:
         bar.close()
     if not out:
-        return np.zeros((0, next(reversed(list(model.modules()))).out_features), np.float32)
+        k = next(reversed(list(model.modules()))).out_features
+        return np.zeros((0, 2 if flip_average else 1, k), np.float32)
     return np.concatenate(out).astype(np.float32)
 
 
-def _probs(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Softmax of the model on one batch x (n, C, h, w) uint8, on device."""
+def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | None = None,
+            batch_size: int = ANNOTATE_DEFAULTS.batch_size, progress: bool = False,
+            flip_average: bool = ANNOTATE_DEFAULTS.flip_average,
+            temperature: float = 1.0) -> np.ndarray:
+    """Class probabilities for prepared faces: softmax(logits / temperature), averaged over
+    the face and its mirror image with flip_average (``calibrate.probabilities``).
+
+    Returns probs: np.ndarray, shape = (n, num_classes), float32, rows sum to 1.
+    """
+    from fer_batch.calibrate import probabilities
+    logits = predict_logits(model, faces, device, batch_size, progress, flip_average)
+    return probabilities(logits, temperature).astype(np.float32)
+
+
+def _logits(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The model's float32 logits on one batch x (n, C, h, w) uint8, on device."""
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -68,7 +78,12 @@ def _probs(model: torch.nn.Module, x: torch.Tensor, device: torch.device) -> tor
             logits = model(x)
     else:
         logits = model(x)
-    return torch.softmax(logits.float(), dim=1)
+    return logits.float()
+
+
+def temperature_of(meta: dict) -> float:
+    """The checkpoint's fitted score temperature (1 when it has none)."""
+    return float((meta.get("calibration") or {}).get("temperature", 1.0))
 
 
 class FacePredictor:
@@ -91,6 +106,7 @@ class FacePredictor:
         self.model_id = meta["model_id"]
         self.batch_size, self.min_score = batch_size, min_score
         self.flip_average = flip_average
+        self.temperature = temperature_of(meta)
 
     def __call__(self, batch: dict) -> dict:
         is_face = batch["kind"] == "face"
@@ -98,7 +114,8 @@ class FacePredictor:
         probs = np.zeros((n, len(self.classes)), np.float32)
         if is_face.any():
             probs[is_face] = predict(self.model, batch["face"][is_face], self.device,
-                                     self.batch_size, flip_average=self.flip_average)
+                                     self.batch_size, flip_average=self.flip_average,
+                                     temperature=self.temperature)
         labels, scores = top_labels(probs, self.classes, self.min_score)
         batch["label"] = np.where(is_face, labels, "").astype(object)
         batch["score"] = np.where(is_face, scores, 0).astype(np.float32)

@@ -13,6 +13,7 @@ and loading never executes code from the file:
     state_dict    the weights
     model_id      sha256 of the weights (hex, first 16 chars)
     train_config, data, metrics   what training wrote (may be empty)
+    calibration   optional {temperature, n, ...}: scores are softmax(logits / temperature)
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ def weights_id(state_dict: dict) -> str:
 
 def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, channels,
                     face_size: int = 48, crop_margin: float = 0.0,
-                    train_config: dict | None = None,
-                    data: dict | None = None, metrics: dict | None = None) -> str:
+                    train_config: dict | None = None, data: dict | None = None,
+                    metrics: dict | None = None, calibration: dict | None = None) -> str:
     """Write the checkpoint (see module docstring). Returns its model_id."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ckpt = {
@@ -130,6 +131,8 @@ def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, 
         "data": _plain(data or {}),
         "metrics": _plain(metrics or {}),
     }
+    if calibration:
+        ckpt["calibration"] = _plain(calibration)
     if isinstance(path_or_file, (str, os.PathLike)):
         tmp = f"{path_or_file}.tmp"
         torch.save(ckpt, tmp)
@@ -254,6 +257,12 @@ def check_checkpoint(ckpt: dict, name: str = "checkpoint") -> None:
     margin = ckpt["preprocessing"].get("crop_margin", 0.0)  # older checkpoints: none = 0
     if not _is_number(margin) or not 0 <= margin <= MAX_CROP_MARGIN:
         raise _bad(name, f"preprocessing crop_margin {margin!r} outside 0..{MAX_CROP_MARGIN}")
+    calibration = ckpt.get("calibration", {})
+    if not isinstance(calibration, dict) or not (
+            _is_number(calibration.get("temperature", 1.0))
+            and 0.01 <= calibration.get("temperature", 1.0) <= 100):
+        raise _bad(name, f"calibration {calibration!r:.100}: expected a dict whose "
+                         "temperature is a number in 0.01..100")
     state = ckpt["state_dict"]
     if not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                             for k, v in state.items()):

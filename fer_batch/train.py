@@ -34,7 +34,8 @@ import numpy as np
 
 from fer_batch import labeled, preprocess, storage
 from fer_batch.config import TrainConfig
-from fer_batch.train_loop import class_weights, epoch_line, lr_at, train_loop_per_worker
+from fer_batch.train_loop import (class_weights, epoch_line, last_epoch, latest_checkpoint,
+                                  lr_at, train_loop_per_worker)
 
 FACE_SIZE = preprocess.FACE_SIZE  # model input side, pixels
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
@@ -73,6 +74,18 @@ def split_indices(labels: np.ndarray, groups: np.ndarray | None, split: str = "r
     tr, te = next(StratifiedGroupKFold(k, shuffle=True, random_state=seed)
                   .split(idx, labels, groups))
     return np.sort(tr), np.sort(te)
+
+
+def calibration_split(labels: np.ndarray, train_idx: np.ndarray, fraction: float,
+                      seed: int = 0):
+    """(train_idx, calibration_idx): `fraction` of the training images, stratified by class,
+    held out to fit the score temperature (never a test image). fraction 0: all train."""
+    if not fraction:
+        return train_idx, train_idx[:0]
+    from sklearn.model_selection import train_test_split
+    tr, cal = train_test_split(train_idx, test_size=fraction, random_state=seed,
+                               stratify=labels[train_idx])
+    return np.sort(tr), np.sort(cal)
 
 
 def fold_indices(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int = 0):
@@ -142,7 +155,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    store = cfg.storage_path or os.path.join(os.path.abspath(cfg.output), "_ray_train")
+    store = checkpoint_store(cfg)
     scaling_config, threads = scaling(cfg)
     config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
                   data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
@@ -169,22 +182,36 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
         shower.join(timeout=5)
     with result.checkpoint.as_directory() as d:
         state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if not storage.is_s3(store):  # the run succeeded: model.pt replaces the ~300 MB state
+    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
+        print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
+              f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
+              flush=True)
+    elif not storage.is_s3(store):  # the run ended: model.pt replaces the ~300 MB state
         shutil.rmtree(os.path.join(store, name), ignore_errors=True)
         if os.path.isdir(store) and not os.listdir(store):
             os.rmdir(store)
     return state["model"], state["history"]
 
 
+def checkpoint_store(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps the per-epoch checkpoints: --storage-path, else OUTPUT/_ray_train."""
+    if cfg.storage_path:
+        return cfg.storage_path if storage.is_s3(cfg.storage_path) else os.path.abspath(
+            os.path.expanduser(cfg.storage_path))
+    return os.path.join(os.path.abspath(cfg.output), "_ray_train")
+
+
 # --- 5. fit ---------------------------------------------------------------------------------
 
-def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
+def pretrained_state(cfg, classes, in_channels: int) -> dict | None:
     """Initial weights for --pretrained: none, imagenet, default (the shipped model), a
-    model.pt of ours (backbone reused, classifier rebuilt for num_classes) or a torchvision
-    resnet50 weights file. Raises RuntimeError with the fix when the weights cannot be had
-    (offline, missing file, another input shape)."""
+    model.pt of ours (backbone reused; the classifier too when its classes are `classes`,
+    in order, so a FER2013 model goes on training as it is; else rebuilt for the new classes)
+    or a torchvision resnet50 weights file. Raises RuntimeError with the fix when the weights
+    cannot be had (offline, missing file, another input shape)."""
     if cfg.pretrained == "none":
         return None
+    num_classes = len(classes)
     from fer_batch.config import DEFAULT_MODEL, DEFAULT_MODEL_NAME
     from fer_batch.model import (CheckpointError, build_model, load_imagenet_weights,
                                  read_checkpoint)
@@ -207,8 +234,9 @@ def pretrained_state(cfg, num_classes: int, in_channels: int) -> dict | None:
                     f"--pretrained {source}: a model with {args.get('in_channels')} input "
                     f"plane(s) and the {args.get('stem')!r} stem; train with the same "
                     f"--channels ({','.join(ckpt['input']['channels'])}) and --stem")
+            same_classes = list(ckpt["classes"]) == list(classes)
             backbone = {k: v.float() for k, v in ckpt["state_dict"].items()
-                        if not k.startswith("net.fc.")}
+                        if same_classes or not k.startswith("net.fc.")}
             net.load_state_dict(backbone, strict=False)
             return net.state_dict()
     load_imagenet_weights(net, source)
@@ -236,14 +264,14 @@ def check_config(cfg: TrainConfig) -> dict:
     if not 0 <= cfg.crop_margin <= 1:
         raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
     lr_at(0, 1, cfg.lr, cfg.schedule)
-    if cfg.resume_from and not storage.is_s3(cfg.resume_from) and not os.path.isfile(
-            os.path.join(cfg.resume_from, "state.pt")):
-        raise ValueError(f"--resume-from {cfg.resume_from}: no state.pt there; pass a "
-                         "checkpoint_* folder from OUTPUT/_ray_train/<run>/")
+    if cfg.stop_after < 0 or not 0 <= cfg.calibration_fraction <= 0.5:
+        raise ValueError("--stop-after must be 0 or more, --calibration-fraction in 0..0.5")
+    if cfg.resume_from and not storage.is_s3(cfg.resume_from):
+        latest_checkpoint(os.path.expanduser(cfg.resume_from))  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)
     test_listed = labeled.list_many((cfg.test_data,), cfg.endpoint_url) if cfg.test_data else None
     return dict(listed=listed, test_listed=test_listed,
-                init_state=pretrained_state(cfg, len(listed[2]), len(channel_names(cfg))))
+                init_state=pretrained_state(cfg, listed[2], len(channel_names(cfg))))
 
 
 def _load(cfg: TrainConfig, items, labels, classes, channels):
@@ -301,12 +329,13 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
                 run_name: str, t_start: float) -> dict:
     """Train on data[tr], score data[te] the way annotate scores, write model.pt,
     metrics.json, split.json and the plots into the split's folder. Returns its metrics."""
-    from fer_batch import evaluate, infer
+    from fer_batch import calibrate, evaluate, infer
     from fer_batch.model import build_model, save_checkpoint
     faces, y, classes, groups = data["faces"], data["y"], data["classes"], data["groups"]
     out = os.path.join(cfg.output, f"fold{k}") if cfg.folds else cfg.output
     os.makedirs(out, exist_ok=True)
     model_args = dict(num_classes=len(classes), in_channels=len(channels), stem=cfg.stem)
+    tr, cal = calibration_split(y, tr, cfg.calibration_fraction, cfg.seed)
     t0 = time.perf_counter()
     state, history = run_trainer(cfg, faces[tr], y[tr], faces[te], y[te], model_args, run_name,
                                  init_state, class_weights(y[tr], len(classes),
@@ -316,9 +345,15 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
     pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH,
                          flip_average=False).argmax(1)  # the paper's metric, as the workers
     m = evaluate.compute_metrics(y[te], pred, classes)
+    calibration = calibrate.fit_model(net, faces[cal], y[cal]) if len(cal) else None
+    if calibration:
+        print(f"temperature {calibration['temperature']:.3f} fitted on {len(cal)} held-out "
+              f"training images (ECE {100 * calibration['ece_before']:.1f}% -> "
+              f"{100 * calibration['ece_after']:.1f}%)", flush=True)
     m.update(split="subject-folds" if cfg.folds else cfg.split, fold=k if cfg.folds else None,
              folds=cfg.folds, n_train=len(tr), n_test=len(te), epochs=cfg.epochs,
              seed=cfg.seed, history=history, train_seconds=time.perf_counter() - t0,
+             n_calibration=len(cal), calibration=calibration,
              skipped=data["skipped"], train_config=dataclasses.asdict(cfg))
     summary = dict(data=list(cfg.data), test_data=cfg.test_data, classes=classes,
                    n_images=data["n_images"], n_used=len(y),
@@ -328,11 +363,12 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
     m["model_id"] = save_checkpoint(
         os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
         channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin,
-        train_config=dataclasses.asdict(cfg), data=summary,
+        train_config=dataclasses.asdict(cfg), data=summary, calibration=calibration,
         metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
     m["wall_seconds"] = time.perf_counter() - t_start
     evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
-    split_files = dict(train=[data["names"][i] for i in tr], test=[data["names"][i] for i in te])
+    split_files = dict(train=[data["names"][i] for i in tr], test=[data["names"][i] for i in te],
+                       calibration=[data["names"][i] for i in cal])
     if groups is not None:
         split_files["test_subjects"] = sorted(set(groups[te]))
     with open(os.path.join(out, "split.json"), "w") as f:
@@ -387,9 +423,9 @@ def _fit(cfg: TrainConfig, checked: dict, t_start: float) -> dict:
     print(f"{', '.join(cfg.data)}: {len(data['y'])} images in {len(classes)} classes "
           f"({', '.join(classes)}), {len(data['skipped'])} skipped; "
           f"{len(data['splits'])} training run(s)", flush=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = cfg.run_name or time.strftime("fer-train-%Y%m%d-%H%M%S")
     runs = [train_split(cfg, data, k, tr, te, channels=channels, init_state=init_state,
-                        run_name=f"fer-train-{stamp}" + (f"-fold{k}" if cfg.folds else ""),
+                        run_name=stamp + (f"-fold{k}" if cfg.folds else ""),
                         t_start=t_start)
             for k, (tr, te) in enumerate(data["splits"])]
     if not cfg.folds:

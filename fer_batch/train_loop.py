@@ -24,6 +24,7 @@ PROGRESS_STEPS = 10  # rank 0 reports its step to the driver's progress bar this
 # --augment: random translation (pixels), rotation (degrees), scale, brightness/contrast
 SHIFT_PX, ROTATE_DEG, SCALE_RANGE = 4, 10, (0.9, 1.1)
 BRIGHTNESS, CONTRAST = 20, (0.8, 1.2)  # additive (grey levels) and multiplicative jitter
+RESTART_CYCLES = (1 / 7, 2 / 7, 4 / 7)  # --schedule restarts: each cycle twice the last
 
 
 def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> float:
@@ -31,20 +32,43 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> 
 
     constant: base_lr (the paper). cosine: 5% linear warm-up, cosine to 0.
     onecycle: 30% cosine warm-up from base_lr/25, cosine down to base_lr/1e4 (OneCycleLR).
+    restarts: cosine with warm restarts (SGDR): cycles of RESTART_CYCLES (1/7, 2/7, 4/7) of
+    the run, each its own cosine (5% warm-up, then to 0), so a long run ends annealed at the
+    end of each cycle and can stop there (--stop-after) with a finished model.
     """
     t = step / max(1, total)
     if schedule == "constant":
         return base_lr
     if schedule == "cosine":
-        if t < 0.05:
-            return base_lr * t / 0.05
-        return base_lr * 0.5 * (1 + math.cos(math.pi * (t - 0.05) / 0.95))
+        return base_lr * _cosine(t)
+    if schedule == "restarts":
+        start = 0.0
+        for share in RESTART_CYCLES:
+            if t < start + share or share == RESTART_CYCLES[-1]:
+                return base_lr * _cosine(min(1.0, (t - start) / share))
+            start += share
     if schedule == "onecycle":
         lo, hi, end = base_lr / 25, base_lr, base_lr / 1e4
         if t < 0.3:
             return hi + (lo - hi) * 0.5 * (1 + math.cos(math.pi * t / 0.3))
         return end + (hi - end) * 0.5 * (1 + math.cos(math.pi * (t - 0.3) / 0.7))
     raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def _cosine(t: float) -> float:
+    """Fraction of the peak rate at t in [0, 1]: 5% linear warm-up, then cosine to 0."""
+    if t < 0.05:
+        return t / 0.05
+    return 0.5 * (1 + math.cos(math.pi * (t - 0.05) / 0.95))
+
+
+def restart_ends(epochs: int) -> list[int]:
+    """The epochs after which --schedule restarts is annealed (the ends of its cycles)."""
+    ends, start = [], 0.0
+    for share in RESTART_CYCLES:
+        start += share
+        ends.append(round(start * epochs))
+    return ends
 
 
 def augment_faces(faces: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -100,21 +124,42 @@ def build_optimizer(net, cfg: TrainConfig):
                    fused=True)  # one kernel: 7x faster than the per-tensor loop on a CPU
 
 
-def restore(net, optimizer, resume_from: str | None) -> tuple[int, list]:
-    """Load the last reported epoch into net and optimizer: Ray Train's checkpoint after a
-    worker failure, else --resume-from (a run whose driver died). Returns (epochs done,
-    history); (0, []) for a fresh run."""
+def latest_checkpoint(path: str) -> str:
+    """The checkpoint folder (state.pt) that --resume-from PATH names: PATH itself, or the
+    newest checkpoint_* folder in PATH (a run's folder under --storage-path). Raises
+    ValueError naming the folder when there is none."""
+    if os.path.isfile(os.path.join(path, "state.pt")):
+        return path
+    found = sorted((d for d in (os.listdir(path) if os.path.isdir(path) else ())
+                    if d.startswith("checkpoint_")
+                    and os.path.isfile(os.path.join(path, d, "state.pt"))))
+    if not found:
+        raise ValueError(f"--resume-from {path}: no state.pt there nor in a checkpoint_* "
+                         "folder in it; pass a run folder under --storage-path or one of its "
+                         "checkpoint_* folders")
+    return os.path.join(path, found[-1])
+
+
+def restore(net, optimizer, resume_from: str | None, device) -> tuple[int, list]:
+    """Load the last reported epoch into net and optimizer (already on `device`), and the
+    RNG state: Ray Train's checkpoint after a worker failure, else --resume-from (a run
+    whose driver died or stopped at --stop-after). Returns (epochs done, history); (0, [])
+    for a fresh run."""
     import ray.train
     import torch
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
-        checkpoint = ray.train.Checkpoint.from_directory(resume_from)
+        local = not resume_from.startswith("s3://")
+        checkpoint = ray.train.Checkpoint.from_directory(
+            latest_checkpoint(os.path.expanduser(resume_from)) if local else resume_from)
     if not checkpoint:
         return 0, []
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
     net.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(state["optimizer"])  # its tensors land on the params' device
+    if "torch_rng" in state:
+        torch.set_rng_state(state["torch_rng"].cpu())
     return state["epoch"], state["history"]
 
 
@@ -205,8 +250,8 @@ def train_loop_per_worker(config: dict) -> None:
         elif kind != "step":
             print(payload if kind == "note" else epoch_line(payload, cfg.epochs), flush=True)
 
-    def reduce(*values):  # sums over workers
-        t = torch.tensor(values, dtype=torch.float64)
+    def reduce(*values):  # sums over workers, on the device (NCCL reduces GPU tensors only)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         if world > 1:
             dist.all_reduce(t)
         return t.tolist()
@@ -217,10 +262,11 @@ def train_loop_per_worker(config: dict) -> None:
     net = build_model(**config["model_args"])
     if config.get("init_ref") is not None:
         net.load_state_dict(ray.get(config["init_ref"]))
-    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs
-    net = net.to(memory_format=torch.channels_last)
+    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs.
+    # On the device before the optimizer exists, so its restored state lands there too.
+    net = net.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(net, cfg)
-    start, history = restore(net, optimizer, cfg.resume_from)
+    start, history = restore(net, optimizer, cfg.resume_from, device)
     if start:
         say("note", f"resuming after epoch {start}")
     weight = config.get("class_weight")
@@ -231,8 +277,8 @@ def train_loop_per_worker(config: dict) -> None:
     model = ray.train.torch.prepare_model(net)
     sampler = DistributedSampler(range(len(data["y_train"])), num_replicas=world, rank=rank,
                                  shuffle=True, seed=cfg.seed)
-    total = math.ceil(len(sampler) / cfg.batch_size) * cfg.epochs
-    for epoch in range(start, cfg.epochs):
+    total = math.ceil(len(sampler) / cfg.batch_size) * cfg.epochs  # the whole schedule
+    for epoch in range(start, last_epoch(cfg)):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         order = np.array(list(sampler))
@@ -258,10 +304,16 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "history": history}, os.path.join(d, "state.pt"))
+                            "epoch": epoch + 1, "history": history,
+                            "torch_rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(row)
+
+
+def last_epoch(cfg: TrainConfig) -> int:
+    """The epoch this run stops after: --stop-after, else --epochs (the schedule's end)."""
+    return min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
 
 
 def epoch_line(row: dict, epochs: int) -> str:

@@ -212,7 +212,7 @@ def test_pretrained_from_our_checkpoint_reuses_the_backbone(random_checkpoint, t
     import torch
     src, _ = load_checkpoint(random_checkpoint)
     cfg = TrainConfig(data=(str(tmp_path),), pretrained=random_checkpoint)
-    state = train.pretrained_state(cfg, num_classes=3, in_channels=1)
+    state = train.pretrained_state(cfg, ["x", "y", "z"], in_channels=1)
     for k, v in src.state_dict().items():
         if k.startswith("net.fc."):
             assert state[k].shape[0] == 3
@@ -220,7 +220,7 @@ def test_pretrained_from_our_checkpoint_reuses_the_backbone(random_checkpoint, t
             assert torch.equal(state[k], v), k
     with pytest.raises(RuntimeError, match="input plane"):  # another input shape is refused
         train.pretrained_state(TrainConfig(pretrained=random_checkpoint,
-                                           channels="equalized,canny"), 3, 2)
+                                           channels="equalized,canny"), ["x", "y", "z"], 2)
 
 
 @needs_data
@@ -274,9 +274,66 @@ def test_the_new_classifier_of_a_fine_tune_depends_on_the_seed_only(random_check
     whatever random numbers the process used before (make run repeats on one machine)."""
     import torch
     cfg = TrainConfig(pretrained=random_checkpoint, seed=3)
-    a = train.pretrained_state(cfg, 7, 1)
+    classes = list("abcdefg")  # not the source's classes: a new classifier
+    a = train.pretrained_state(cfg, classes, 1)
     torch.rand(1000)  # other random draws in between change nothing
-    b = train.pretrained_state(cfg, 7, 1)
-    c = train.pretrained_state(dataclasses.replace(cfg, seed=4), 7, 1)
+    b = train.pretrained_state(cfg, classes, 1)
+    c = train.pretrained_state(dataclasses.replace(cfg, seed=4), classes, 1)
     assert torch.equal(a["net.fc.weight"], b["net.fc.weight"])
     assert not torch.equal(a["net.fc.weight"], c["net.fc.weight"])
+
+
+def test_a_model_trained_on_the_same_classes_goes_on_with_its_classifier(random_checkpoint):
+    """--pretrained default on FER2013 again (a campaign's start): the classes are the
+    source's, in order, so its classifier is kept, not redrawn."""
+    import torch
+
+    from fer_batch.model import EMOTIONS
+    src, _ = load_checkpoint(random_checkpoint)
+    state = train.pretrained_state(TrainConfig(pretrained=random_checkpoint), list(EMOTIONS), 1)
+    assert all(torch.equal(state[k], v) for k, v in src.state_dict().items())
+
+
+# --- a campaign that survives every stop (issue 22) -----------------------------------------
+
+def test_restarts_schedule_is_annealed_at_the_end_of_each_cycle():
+    total = 700
+    lr = [train_loop.lr_at(s, total, 1e-3, "restarts") for s in range(total)]
+    ends = train_loop.restart_ends(70)
+    assert ends == [10, 30, 70]
+    for end in ends:  # the last step of each cycle is near 0, the next one restarts
+        assert lr[end * 10 - 1] < 1e-5
+        if end < 70:
+            assert lr[end * 10 + 1] > lr[end * 10 - 1]
+    assert abs(max(lr[:100]) - 1e-3) < 1e-5 and abs(max(lr[300:]) - 1e-3) < 1e-5
+    # a cycle is a cosine of its own: the middle of cycle 2 is at half the peak
+    assert abs(lr[200] - 1e-3 * train_loop._cosine(0.5)) < 1e-9
+
+
+def test_calibration_split_is_stratified_and_disjoint():
+    y = np.repeat(np.arange(4), [100, 50, 30, 20])
+    tr0 = np.arange(len(y))[::2]
+    tr, cal = train.calibration_split(y, tr0, 0.2, seed=0)
+    assert not set(tr) & set(cal) and sorted(set(tr) | set(cal)) == sorted(tr0)
+    assert len(cal) == 20 and np.bincount(y[cal], minlength=4).tolist() == [10, 5, 3, 2]
+    same = train.calibration_split(y, tr0, 0.2, seed=0)
+    assert np.array_equal(same[1], cal)
+    tr, cal = train.calibration_split(y, tr0, 0.0)
+    assert np.array_equal(tr, tr0) and len(cal) == 0
+
+
+def test_resume_from_finds_the_newest_checkpoint_of_a_run(tmp_path):
+    run = tmp_path / "run"
+    for name in ("checkpoint_2026-12-04_10-00-00.000001", "checkpoint_2026-12-04_11-00-00.000001"):
+        (run / name).mkdir(parents=True)
+        (run / name / "state.pt").write_bytes(b"x")
+    (run / "checkpoint_2026-12-04_12-00-00.000001").mkdir()  # unfinished: no state.pt
+    assert train_loop.latest_checkpoint(str(run)).endswith("11-00-00.000001")
+    one = run / "checkpoint_2026-12-04_10-00-00.000001"
+    assert train_loop.latest_checkpoint(str(one)) == str(one)
+
+
+def test_stop_after_ends_the_loop_early():
+    assert train_loop.last_epoch(TrainConfig(epochs=70, stop_after=10)) == 10
+    assert train_loop.last_epoch(TrainConfig(epochs=70)) == 70
+    assert train_loop.last_epoch(TrainConfig(epochs=5, stop_after=10)) == 5
