@@ -138,17 +138,64 @@ def plot_curves(history: list[dict], path: str, title: str = "Training") -> None
     plt.close(fig)
 
 
+def plot_reliability(bins: list[dict], ece: float, path: str, title: str = "") -> None:
+    """Reliability diagram as a PNG: accuracy against mean score per score bin (bars), the
+    diagonal of perfect calibration, and the share of faces per bin below.
+    bins: ``calibrate.reliability``."""
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(5, 6), dpi=110, sharex=True,
+                                 gridspec_kw=dict(height_ratios=(3, 1)))
+    width = bins[0]["hi"] - bins[0]["lo"] if bins else 1
+    full = [b for b in bins if b["n"]]
+    a1.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
+           edgecolor="black", color="#4c72b0", label="accuracy")
+    a1.plot([0, 1], [0, 1], "k--", lw=1, label="calibrated")
+    a1.plot([b["score"] for b in full], [b["accuracy"] for b in full], "o", color="#dd8452",
+            ms=3, label="mean score")
+    a1.set_ylabel("accuracy in the bin")
+    a1.set_ylim(0, 1)
+    a1.legend(loc="upper left")
+    a1.set_title(f"{title} ECE {100 * ece:.1f}% ({len(bins)} bins)".strip())
+    total = sum(b["n"] for b in bins) or 1
+    a2.bar([b["lo"] for b in bins], [b["n"] / total for b in bins], width=width, align="edge",
+           edgecolor="black", color="#999999")
+    a2.set_xlabel("score (top probability)")
+    a2.set_ylabel("share of faces")
+    a2.set_xlim(0, 1)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def write_report(output: str, metrics: dict, history: list[dict] | None = None,
                  title: str = "") -> None:
-    """metrics.json, confusion_matrix.png and (with a history) training_curves.png."""
+    """metrics.json, confusion_matrix.png, reliability.png (with calibration metrics) and
+    (with a history) training_curves.png."""
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     plot_confusion(metrics["confusion_matrix"], metrics["classes"],
                    os.path.join(output, "confusion_matrix.png"),
                    f"{title} accuracy {100 * metrics['accuracy']:.1f}% (n={metrics['n']})")
+    if metrics.get("reliability"):
+        plot_reliability(metrics["reliability"], metrics["ece"],
+                         os.path.join(output, "reliability.png"), title)
     if history:
         plot_curves(history, os.path.join(output, "training_curves.png"), title)
+
+
+def write_predictions(path: str, paths, y_true, probs: np.ndarray, classes) -> None:
+    """predictions.parquet: one row per scored image: path, true_label, label (the most
+    probable class) and score (its probability, after the checkpoint's temperature)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    table = pa.table({
+        "path": pa.array(list(paths), pa.string()),
+        "true_label": pa.array([classes[i] for i in y_true], pa.string()),
+        "label": pa.array([classes[i] for i in pred], pa.string()),
+        "score": pa.array(probs.max(axis=1) if len(probs) else [], pa.float32()),
+    })
+    pq.write_table(table, path)
 
 
 def match_classes(data_classes, model_classes) -> dict:
@@ -178,7 +225,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     ----------
     data: labeled folder, local or s3://.
     model_path: model.pt written by ``fer-batch train``.
-    output: folder for metrics.json and confusion_matrix.png (None = write nothing).
+    output: folder for metrics.json, confusion_matrix.png, reliability.png and
+        predictions.parquet (path, true_label, label, score per image; None = write nothing).
     detect_faces: crop the largest Haar face first (for full photos such as JAFFE), the way
         annotate crops it (labeled.load_faces).
     crop_margin: margin around the Haar box (None = the checkpoint's, as annotate uses).
@@ -189,12 +237,15 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     Returns
     -------
     The metrics dict (see ``compute_metrics``) with classes = the model's classes,
-    plus data, model, model_id, excluded_classes, missing_classes, skipped.
+    plus data, model, model_id, excluded_classes, missing_classes, skipped, and the
+    calibration of the scores (``calibrate.summarize``: ece, nll, accuracy_at_coverage,
+    reliability; temperature: the checkpoint's, applied).
     """
-    from fer_batch import infer, labeled
+    from fer_batch import calibrate, infer, labeled
     from fer_batch.model import load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
+    temperature = infer.temperature_of(meta)
     classes = [labeled.canonical(c) for c in meta["classes"]]
     channels = tuple(meta["input"]["channels"])
     size = int(meta["input"]["size"])
@@ -217,16 +268,25 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     keep = [i for i, good in zip(keep, ok) if good]
     y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
     probs = infer.predict(model, faces, batch_size=PREDICT_BATCH, progress=True,
-                          flip_average=flip_average)
+                          flip_average=flip_average, temperature=temperature)
     y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
     metrics = compute_metrics(y_true, y_pred, classes)
+    metrics.update(calibrate.summarize(probs, y_true) if len(probs) else {},
+                   temperature=temperature)
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
                    excluded_classes=excluded, missing_classes=match["model_only"],
                    skipped=skipped, detect_faces=detect_faces, crop_margin=margin,
                    flip_average=flip_average, detector=detector if detect_faces else None)
     print(f"evaluate {data}: {format_metrics(metrics)}")
+    if len(probs):
+        cover = metrics["accuracy_at_coverage"]
+        print(f"calibration (temperature {temperature:.3g}): ECE {100 * metrics['ece']:.2f}%; "
+              "accuracy of the most confident " + ", ".join(
+                  f"{100 * float(c):.0f}% {100 * v['accuracy']:.1f}%" for c, v in cover.items()))
     print(format_confusion(metrics["confusion_matrix"], classes))
     if output:
         with storage.local_output(output, endpoint_url) as out:
             write_report(out, metrics, title=os.path.basename(os.path.normpath(data)))
+            write_predictions(os.path.join(out, "predictions.parquet"),
+                              [paths[i] for i in keep], y_true, probs, classes)
     return metrics
