@@ -18,6 +18,7 @@ DEFAULT_MODEL_NAME = "default"  # --model / --pretrained value naming the shippe
 DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "default.pt")
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
 DETECTORS = ("centerface", "haar")  # --detector choices (fer_batch/detect.py)
+CHANNEL_NAMES = ("equalized", "canny")  # the input planes preprocess.prepare_faces can make
 
 
 def opt(default, help: str, group: str = "general", **kw):

@@ -21,7 +21,6 @@ import os
 from collections import defaultdict
 
 import numpy as np
-import ray
 
 from fer_batch.config import DetectorSettings
 from fer_batch.detect import (DetectorUnavailable, centerface_boxes, centerface_path,
@@ -112,6 +111,7 @@ class PoolDetector:
         smalls, scales = zip(*(centerface_small(g, s.centerface_max_side, s.min_face)
                                 for g in grays))
         self.turn += 1
+        import ray  # here, not at module load: the torch-level network imports without Ray
         found = ray.get(self.actors[self.turn % len(self.actors)].detect.remote(list(smalls)))
         return [centerface_boxes(boxes, scores, scale, g.shape, threshold=s.centerface_threshold,
                                  min_face=s.min_face)

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fer_batch.config import DEFAULT_MODEL, DEFAULT_MODEL_NAME
+from fer_batch.config import CHANNEL_NAMES, DEFAULT_MODEL, DEFAULT_MODEL_NAME
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")  # CK+
 FORMAT = "fer-batch/1"
 ARCH = "resnet50"
@@ -215,7 +215,6 @@ def check_checkpoint(ckpt: dict, name: str = "checkpoint") -> None:
     wrong meaning: missing keys, wrong types, `classes` as a string, duplicate class names, an
     input size outside INPUT_SIZES, unknown channel or stem names, inconsistent counts. The
     weights themselves are checked against model_id in model_from_checkpoint."""
-    from fer_batch.preprocess import CHANNEL_NAMES  # local import: cv2 only when needed
     for key, kind in (("model_args", dict), ("classes", list), ("input", dict),
                       ("preprocessing", dict), ("state_dict", dict), ("model_id", str)):
         if key not in ckpt:

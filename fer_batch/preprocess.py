@@ -20,12 +20,11 @@ import cv2
 import numpy as np
 
 from fer_batch import decode, segments, sink, storage
-from fer_batch.config import (ANNOTATE_DEFAULTS as _D, FACE_SIZE, TRAIN_DEFAULTS,
-                              DetectorSettings)
+from fer_batch.config import (ANNOTATE_DEFAULTS as _D, CHANNEL_NAMES, FACE_SIZE,
+                              TRAIN_DEFAULTS, DetectorSettings)
 from fer_batch.detect import load_detector
 
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
-CHANNEL_NAMES = ("equalized", "canny")  # the input planes prepare_faces can make
 CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
 POOL_CHUNK = 16  # sampled frames held for one call to the GPU pool's detector (--detect-on pool)

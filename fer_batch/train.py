@@ -33,7 +33,7 @@ import time
 import numpy as np
 
 from fer_batch import labeled, preprocess, storage
-from fer_batch.config import TrainConfig
+from fer_batch.config import CHANNEL_NAMES, TrainConfig
 from fer_batch.train_loop import (class_weights, epoch_line, last_epoch, latest_checkpoint,
                                   lr_at, train_loop_per_worker)
 
@@ -44,10 +44,10 @@ MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 def channel_names(cfg) -> tuple:
     """--channels "equalized,canny" -> ("equalized", "canny"), checked against prepare_faces."""
     names = tuple(c.strip() for c in cfg.channels.split(",") if c.strip())
-    bad = [c for c in names if c not in preprocess.CHANNEL_NAMES]
+    bad = [c for c in names if c not in CHANNEL_NAMES]
     if not names or bad:
         raise ValueError(f"--channels {cfg.channels!r}: a comma list of "
-                         f"{', '.join(preprocess.CHANNEL_NAMES)}")
+                         f"{', '.join(CHANNEL_NAMES)}")
     return names
 
 
