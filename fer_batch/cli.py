@@ -165,7 +165,8 @@ def _summary(m: dict) -> str:
     rate = m["faces"] / m["processing_seconds"] if m["processing_seconds"] else 0.0
     return (f"run {m['run_id']} committed in {m['seconds']:.1f} s\n"
             f"  files: {m['files_ok']} ok, {m['files_error']} error, {m['files_skipped']} "
-            f"skipped, {m['files_already_done']} already done (--incremental)\n"
+            f"skipped" + (f", {m['files_already_done']} already done (--incremental)"
+                          if m.get("config", {}).get("incremental") else "") + "\n"
             f"  frames decoded: {m['frames']}   faces: {m['faces']}   faces/s: {rate:.1f}\n"
             f"  faces: {m['faces_path']}\n  files: {m['files_path']}\n"
             f"  manifest: {m['manifest_path']}")
@@ -191,12 +192,14 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
                       (cfg.output, "output")]:
         if storage.is_s3(uri):
             storage.check_access(uri, cfg.endpoint_url, kind=kind)
-    _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
-    sink.check_class_names(meta["classes"], cfg.model)
-    for src in cfg.sources:
+    for src in cfg.sources:  # local checks first: they cost nothing
         if not storage.is_s3(src):
             storage.check_access(src, cfg.endpoint_url, kind="source")
+    if not storage.is_s3(cfg.output):
+        storage.check_local_output(cfg.output)  # a file, or a folder we cannot write
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
+    _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
+    sink.check_class_names(meta["classes"], cfg.model)
     return meta
 
 
@@ -223,9 +226,13 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
     except runs.CommitError as e:  # set aside under OUT/_failed: later runs are not held up
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except OSError as e:  # the output cannot be written (permissions, full disk, S3 denied)
-        print(f"fer-batch annotate: error writing {cfg.output}: {e}. Nothing was committed; "
-              "fix the output and run the same command again.", file=sys.stderr)
+    except Exception as e:  # the output cannot be written: permissions, full disk, S3 denied
+        cause = os_error_in(e)  # Ray wraps a worker's OSError in its own traceback
+        if cause is None:
+            raise
+        print(f"fer-batch annotate: error writing {cfg.output}: {one_line(cause)}. Nothing "
+              "was committed; fix the output (free space, permissions) and run the same "
+              "command again.", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("fer-batch annotate: interrupted; nothing of this run was committed. Run the same "
@@ -249,6 +256,27 @@ def train(cfg: TrainConfig, verbose: bool = False) -> int:
     return 0
 
 
+def os_error_in(e: BaseException) -> OSError | None:
+    """The OSError that caused e: e itself, or one down its chain of causes (Ray's task
+    errors keep the worker's exception as ``cause``); None when there is none."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(e, OSError) and not isinstance(inner, BaseException):
+            return e
+        e = inner if isinstance(inner, BaseException) else (e.__cause__ or e.__context__)
+    return None
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its first line, with an OSError's cause named plainly."""
+    if isinstance(e, OSError) and e.strerror and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _small_command(args) -> int:
     """evaluate, report, compact: a bad model, folder or output ends in one line, exit 2."""
     from fer_batch import evaluate, readers, report, runs
@@ -266,8 +294,8 @@ def _small_command(args) -> int:
         else:
             print(readers.compact(args.output))
     except (CheckpointError, runs.ForeignOutputError, runs.LockedError, ValueError,
-            FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"fer-batch {args.command}: error: {e}", file=sys.stderr)
+            OSError) as e:  # OSError: a read-only or full output, a missing folder
+        print(f"fer-batch {args.command}: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -167,8 +167,7 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
     latest run (what read_faces/read_files return). The new run commits before the old ones
     are removed, so readers always see one complete view. Returns a one-line summary."""
     out = Output(out_uri, endpoint_url)
-    if not out.check_ours():  # raises ForeignOutputError for a folder fer-batch did not write
-        return f"{out.uri}: not a fer-batch output (new or empty folder), nothing to compact"
+    out.require_ours("compact")  # a missing or foreign folder: one line, nothing written
     rid = new_run_id()
     out.acquire(rid)
     try:

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from fer_batch import report_data, storage
+from fer_batch import report_data, runs, storage
 from fer_batch.report_data import MAX_TABLE_ROWS, MAX_TIMELINES, ReportData
 from fer_batch.report_plots import (PNG_SOFTWARE, label_colors, mpl_text, plot_contact_sheet,
                                     plot_distribution, plot_sources, plot_timeline, png_bytes,
@@ -123,6 +123,7 @@ def write_report(out_uri: str, html_path: str | None = None,
     -------
     The path of the page.
     """
+    runs.Output(out_uri, endpoint_url).require_ours("report")  # before anything is written
     d = report_data.load(out_uri, endpoint_url)
     chosen = html_path is not None
     html_path = html_path or f"{out_uri.rstrip('/')}/report/index.html"

@@ -148,6 +148,18 @@ class Output:
                 "moved or deleted. Pass a new or empty folder as --output.")
         return False
 
+    def require_ours(self, command: str) -> None:
+        """For commands that read an existing output (report, compact): raise
+        FileNotFoundError when the folder is missing, ForeignOutputError when it is not a
+        fer-batch output, each one line naming the folder and the fix. Writes nothing."""
+        if self.fs.get_file_info(self.root).type != pafs.FileType.Directory:
+            raise FileNotFoundError(f"{self.uri}: no such folder; `fer-batch {command}` "
+                                    "takes the --output folder of `fer-batch annotate`")
+        if not self.looks_like_ours():
+            raise ForeignOutputError(f"{self.uri} is not a fer-batch output (no {MARKER}); "
+                                     f"`fer-batch {command}` takes the --output folder of "
+                                     "`fer-batch annotate`, and writes nothing elsewhere")
+
     def claim(self) -> None:
         """check_ours, then write the marker (once) so later runs know the folder is ours."""
         self.check_ours()

@@ -22,7 +22,10 @@ import pyarrow.fs as pafs
 from fer_batch.storage import (SourceError, check_access, explain_s3_error, is_s3,
                                read_bytes, resolve, strip_credentials)
 
-IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# every format decode.decode_image reads (docs/failures.md): an animated GIF gives its first
+# frame, a multi-page TIFF its first page
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif",
+                        ".pnm", ".pgm", ".ppm", ".pbm"})
 VIDEO_EXTS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".avi", ".webm"})
 MANIFEST_EXTS = frozenset({".txt", ".csv", ".lst"})  # a SOURCE file with these lists paths
 MANIFEST_COLUMNS = ("uri", "path", "source")  # first CSV column found is the path

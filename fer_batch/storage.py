@@ -325,6 +325,24 @@ def explain_s3_error(uri: str, error: Exception | str, endpoint_url: str | None 
                   f"credentials: {describe_credentials()}. ({text})")
 
 
+def check_local_output(path: str) -> None:
+    """A local --output must be a folder we can write, or be creatable: raise SourceError
+    naming the path and the fix for a regular file, a read-only folder, or a parent that
+    is a file or read-only. Creates nothing."""
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise SourceError(f"output {path} is a file, not a folder; pass a new or empty folder "
+                          "(or an earlier fer-batch output) as --output")
+    probe = path
+    while not os.path.exists(probe):  # the nearest existing folder is where mkdir starts
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise SourceError(f"output {path}: {probe} is a file, so the folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise SourceError(f"output {path}: {probe} is not writable by this user; pass a "
+                          "folder you can write as --output")
+
+
 def check_access(uri: str, endpoint_url: str | None = None, *, kind: str = "source") -> None:
     """Fail fast, before any work, when ``uri`` cannot be used.
 
@@ -335,7 +353,9 @@ def check_access(uri: str, endpoint_url: str | None = None, *, kind: str = "sour
     """
     uri = strip_credentials(uri)  # checked (and named in messages) without its secret
     if not is_s3(uri):
-        if kind != "output" and not os.path.exists(uri):
+        if kind == "output":
+            check_local_output(uri)
+        elif not os.path.exists(uri):
             raise SourceError(f"{kind} not found: {uri}")
         return
     fs = _s3_filesystem(*_s3_settings(endpoint_url), S3_PREFLIGHT_ATTEMPTS)

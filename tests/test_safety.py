@@ -99,8 +99,26 @@ def test_compact_refuses_a_folder_it_did_not_write(tmp_path):
     assert_user_files_intact(root)
     assert not (root / "_lock").exists() and not (root / runs.MARKER).exists()
     new = tmp_path / "new"
-    assert "nothing to compact" in readers.compact(str(new))
-    assert not new.exists()  # compacting nothing creates nothing
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        readers.compact(str(new))
+    assert not new.exists()  # a missing folder is an error, and nothing is created
+
+
+@pytest.mark.parametrize("command", ["report", "compact"])
+def test_report_and_compact_refuse_a_missing_or_foreign_folder_in_one_line(
+        tmp_path, capsys, command):
+    """`fer-batch report /path/typo` and `report photos/` wrote report/ folders there and
+    exited 0: now exit 2, one line naming the folder, nothing created."""
+    from fer_batch import cli
+    photos = tmp_path / "photos"
+    put_user_files(photos)
+    for folder in (tmp_path / "typo", photos):
+        assert cli.main([command, str(folder)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and str(folder) in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "typo").exists() and not (photos / "report").exists()
+    assert_user_files_intact(photos)
 
 
 def test_outputs_of_older_versions_without_the_marker_keep_working(tmp_path):
@@ -312,3 +330,62 @@ def test_every_numeric_option_has_bounds_and_the_defaults_pass():
     pipeline.check_config(AnnotateConfig())
     with pytest.raises(pipeline.ConfigError, match=r"--sample-fps nan must be a finite"):
         pipeline.check_config(AnnotateConfig(sample_fps=math.nan))
+
+
+def test_an_output_that_is_a_file_or_under_a_file_is_refused_before_ray(tmp_path, capsys,
+                                                                       random_checkpoint):
+    """--output at a regular file was found after Ray had started (exit 1): now exit 2 with
+    one line naming it, before Ray, and nothing is created."""
+    import ray
+    src = tmp_path / "src"
+    put_user_files(src)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    for output in (afile, afile / "out"):
+        code = cli.main(["annotate", str(src), "--model", random_checkpoint,
+                         "--output", str(output)])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and str(afile) in err, err
+        assert "is a file" in err
+    assert not ray.is_initialized()
+    assert afile.read_text() == "mine"
+    assert_user_files_intact(src)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders anyway")
+def test_a_read_only_output_folder_is_refused_before_ray(tmp_path, capsys, random_checkpoint):
+    src, locked = tmp_path / "src", tmp_path / "locked"
+    put_user_files(src)
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code = cli.main(["annotate", str(src), "--model", random_checkpoint,
+                         "--output", str(locked / "out")])
+    finally:
+        locked.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "not writable" in err and not (locked / "out").exists()
+
+
+def test_a_full_disk_inside_ray_is_told_in_one_line():
+    """A full disk while writing came as a 52-line Ray traceback whose last line named the
+    cause: the OSError is found down the chain and told plainly."""
+    import errno
+
+    class RayLike(Exception):  # how Ray's task errors carry the worker's exception
+        def __init__(self, cause):
+            super().__init__("Traceback (most recent call last):\n  ...\n" * 20)
+            self.cause = cause
+
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/_staging/x/part-1.parquet")
+    try:
+        try:
+            raise full
+        except OSError as inner:
+            raise RuntimeError("write failed") from RayLike(inner)
+    except RuntimeError as e:
+        found = cli.os_error_in(e)
+    assert found is full
+    line = cli.one_line(found)
+    assert line == "/out/_staging/x/part-1.parquet: No space left on device"
+    assert cli.os_error_in(ValueError("no cause")) is None

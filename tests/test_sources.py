@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 
 from fer_batch import sources, storage
@@ -62,3 +63,32 @@ def test_symlink_loops_are_reported_not_followed_forever(tmp_path):
     errors = [e for e in entries if e["status"] == "error"]
     assert len([e for e in entries if e["uri"].endswith("x.jpg")]) == 1
     assert errors and "symlink loop" in errors[0]["error"]
+
+
+# --- every image format docs/failures.md names is listed as an image and decoded -------------
+
+FORMATS = ("jpg", "png", "bmp", "tiff", "webp", "gif", "pgm")
+
+
+@pytest.mark.parametrize("ext", FORMATS)
+def test_every_documented_image_format_is_listed_and_decoded(tmp_path, ext):
+    """An animated GIF was skipped ("not an image or video extension") although the same
+    bytes named .jpg were read: each format is now an image by its extension, and decodes
+    to the picture written (its first frame for a GIF)."""
+    from PIL import Image
+
+    from conftest import face_image
+    from fer_batch import decode
+    gray = face_image()[:240, :320]
+    path = tmp_path / f"face.{ext}"
+    if ext == "gif":  # animated: the first frame is the face, the second is black
+        frames = [Image.fromarray(gray), Image.fromarray(np.zeros_like(gray))]
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    else:
+        Image.fromarray(gray).save(path)
+    assert sources.media_type(str(path)) == "image"
+    assert sources.media_type(str(path).upper()) == "image"
+    got = decode.decode_image(path.read_bytes())
+    assert got.shape == gray.shape
+    lossy = ext in ("jpg", "webp")  # lossy codecs: close, not equal
+    assert np.abs(got.astype(int) - gray).mean() < (3 if lossy else 0.01)
