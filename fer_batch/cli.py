@@ -217,6 +217,13 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     init_ray(cfg.address, verbose)
+    if cfg.device == "cuda" and not (cfg.address or os.environ.get("RAY_ADDRESS")):
+        import ray
+        if not ray.cluster_resources().get("GPU"):  # it would wait for a GPU for ever
+            print("fer-batch annotate: error: --device cuda, but the local Ray sees no GPU; "
+                  "use --device auto or cpu here, or --address a cluster with GPU nodes",
+                  file=sys.stderr)
+            return EXIT_USAGE
     signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM takes the same clean path as Ctrl-C
     try:
         manifest = pipeline.run(cfg, progress=lambda s: print(s, flush=True), meta=meta)

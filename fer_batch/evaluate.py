@@ -245,6 +245,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     from fer_batch.model import load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
+    model = model.to(infer.pick_device())  # the GPU where there is one
     temperature = infer.temperature_of(meta)
     classes = [labeled.canonical(c) for c in meta["classes"]]
     channels = tuple(meta["input"]["channels"])

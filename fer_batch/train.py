@@ -342,7 +342,8 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
                                                            cfg.class_weight))
     net = build_model(**model_args)
     net.load_state_dict(state)
-    pred = infer.predict(net.eval(), faces[te], batch_size=evaluate.PREDICT_BATCH,
+    net = net.to(infer.pick_device()).eval()  # the GPU where the driver has one
+    pred = infer.predict(net, faces[te], batch_size=evaluate.PREDICT_BATCH,
                          flip_average=False).argmax(1)  # the paper's metric, as the workers
     m = evaluate.compute_metrics(y[te], pred, classes)
     calibration = calibrate.fit_model(net, faces[cal], y[cal]) if len(cal) else None

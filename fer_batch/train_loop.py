@@ -172,13 +172,19 @@ def train_epoch(model, optimizer, x, y, order, *, cfg: TrainConfig, epoch: int, 
     import torch.nn.functional as F
     steps = math.ceil(len(order) / cfg.batch_size)
     model.train()
-    loss_sum = correct = 0.0
+    # sums stay on the device: no host sync per step (a GPU step would wait for each .item())
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    cuda = device.type == "cuda"
     for s in range(steps):
         idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
         xb = x[idx]
         if cfg.augment:
             xb = torch.from_numpy(augment_faces(xb.numpy(), rng))
-        xb, yb = xb.to(device), y[idx].to(device)
+        yb = y[idx]
+        if cuda:  # pinned pages copy asynchronously while the last step still runs
+            xb, yb = xb.pin_memory(), yb.pin_memory()
+        xb, yb = xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda)
         for g in optimizer.param_groups:
             g["lr"] = lr_at(epoch * steps + s, total, cfg.lr, cfg.schedule)
         with torch.autocast(device.type, torch.bfloat16, enabled=bf16):
@@ -188,10 +194,10 @@ def train_epoch(model, optimizer, x, y, order, *, cfg: TrainConfig, epoch: int, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.item() * len(idx)
-        correct += (logits.argmax(1) == yb).sum().item()
+        loss_sum += loss.detach().double() * len(idx)
+        correct += (logits.detach().argmax(1) == yb).sum()
         on_step(s + 1, steps)
-    return loss_sum, correct
+    return float(loss_sum), float(correct)
 
 
 def score_epoch(net, x, y, *, rank: int, world: int, device) -> tuple[float, float]:

@@ -24,6 +24,23 @@ def faces_batch(n_faces: int) -> dict:
     return {"kind": kind, "face": face, "source": np.array(["x.jpg"] * (n_faces + 1), object)}
 
 
+def distinct_faces_batch(n_faces: int) -> dict:
+    """n_faces different crops of the face: the box moved and grown step by step, so the
+    GPU-against-CPU check compares n samples, not n copies of one."""
+    gray = drawn_face()
+    box = detect.detect_faces(gray, detect.load_cascade())[0]
+    boxes = np.array([[box[0] + i % 8 - 4, box[1] + i // 8 % 8 - 4, box[2] + i % 5,
+                       box[3] + i % 5] for i in range(n_faces)])
+    crops = preprocess.prepare_faces(preprocess.crop_faces(gray, boxes, margin=0.1))
+    return {"kind": np.array(["face"] * n_faces, object), "face": crops,
+            "source": np.array(["x.jpg"] * n_faces, object)}
+
+
+def test_distinct_faces_differ():
+    faces = distinct_faces_batch(64)["face"]
+    assert len({f.tobytes() for f in faces}) == 64
+
+
 def test_predict_returns_probabilities(random_checkpoint):
     model, meta = load_checkpoint(random_checkpoint)
     probs = infer.predict(model, faces_batch(5)["face"][:5], batch_size=2)
@@ -56,7 +73,7 @@ def test_gpu_path_agrees_with_cpu(random_checkpoint):
     probabilities. Run with `pytest -m requires_cuda` on a machine with a GPU."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible")
-    batch = faces_batch(64)
+    batch = distinct_faces_batch(64)
     cpu = infer.FacePredictor(checkpoint=random_checkpoint, device="cpu")(dict(batch))
     gpu = infer.FacePredictor(checkpoint=random_checkpoint, device="cuda")(dict(batch))
     classes = infer.FacePredictor(checkpoint=random_checkpoint, device="cpu").classes
