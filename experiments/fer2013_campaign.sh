@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The FER2013 training campaign of the default model (issue 22, MODEL.md): one schedule
-# planned for the whole run, 126 epochs of cosine with warm restarts (cycles end, annealed,
-# after epochs 18, 54 and 126), continued across sessions.
+# planned for the whole run, 70 epochs of cosine with warm restarts (cycles end, annealed,
+# after epochs 10, 30 and 70), continued across sessions.
 #
 #   experiments/fer2013_campaign.sh STOP     # train until epoch STOP (a cycle end to ship)
 #
@@ -11,13 +11,13 @@
 # The model of epoch STOP, scored and calibrated, is written to $CACHE/$RUN-eSTOP/model.pt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STOP=${1:?usage: $0 STOP_EPOCH (18, 54 or 126 end a cycle)}
+STOP=${1:?usage: $0 STOP_EPOCH (10, 30 or 70 end a cycle)}
 CACHE=${FER_BATCH_CACHE:-$HOME/.cache/fer-batch}
-RUN=fer2013-restarts126
+RUN=fer2013-restarts70
 RESUME=()
 [ -d "$CACHE/train/$RUN" ] && RESUME=(--resume-from "$CACHE/train/$RUN")
 exec .venv/bin/fer-batch train ../shared/fer2013/train --test-data ../shared/fer2013/val \
-  --pretrained default --epochs 126 --schedule restarts --stop-after "$STOP" \
+  --pretrained default --epochs 70 --schedule restarts --stop-after "$STOP" \
   --lr 1e-3 --batch-size 128 --optimizer adamw --weight-decay 0.05 --label-smoothing 0.1 \
   --augment --calibration-fraction 0.05 \
   --storage-path "$CACHE/train" --run-name "$RUN" \

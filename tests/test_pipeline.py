@@ -9,7 +9,8 @@ import pytest
 
 import fer_batch
 from conftest import encode_video, face_image, photo_truth, shared, truth_found
-from fer_batch import cli
+from fer_batch import cli, sink
+from fer_batch.config import AnnotateConfig
 
 FPS = 10
 
@@ -90,7 +91,10 @@ def test_output_schema_labels_and_probabilities(result, random_checkpoint):
     for col in ("source", "media_type", "frame_index", "timestamp_s", "face_index", "x", "y",
                 "w", "h", "label", "score", "model_id", "run_id", *EMOTIONS):
         assert col in faces.columns, col
-    assert faces["label"].isin(EMOTIONS).all()
+    min_score = AnnotateConfig().min_score  # the run used the default
+    sure = faces["score"] >= min_score
+    assert faces.loc[sure, "label"].isin(EMOTIONS).all()
+    assert (faces.loc[~sure, "label"] == sink.UNCERTAIN).all()
     probs = faces[list(EMOTIONS)].to_numpy()
     assert probs.dtype == np.float32 and np.allclose(probs.sum(1), 1, atol=1e-4)
     assert np.allclose(faces["score"], probs.max(1))
