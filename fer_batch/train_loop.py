@@ -243,6 +243,9 @@ def train_loop_per_worker(config: dict) -> None:
         # second OpenMP team that fights the first: 10-20x slower steps here. Ray already
         # sets OMP_NUM_THREADS to the worker's CPUs, so normally this does not run.
         torch.set_num_threads(config["threads"])
+    # denormal floats (tiny gradients and Adam moments) run many times slower on x86 CPUs;
+    # flushing them to zero changes no result that matters (BENCHMARKS.md section 12)
+    torch.set_flush_denormal(True)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -307,14 +310,23 @@ def train_loop_per_worker(config: dict) -> None:
                    lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
         history.append(row)
         say("epoch", row)
-        if rank == 0:
-            with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                            "epoch": epoch + 1, "history": history,
-                            "torch_rng": torch.get_rng_state()}, os.path.join(d, "state.pt"))
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(row)
+        report(net, optimizer, epoch + 1, history, rank)
+    if start >= last_epoch(cfg) and history:  # resumed at or past --stop-after: no epoch to
+        report(net, optimizer, start, history, rank)  # run; hand the restored one back
+
+
+def report(net, optimizer, epoch: int, history: list, rank: int) -> None:
+    """ray.train.report of the epoch's row; rank 0 attaches the checkpoint (state.pt)."""
+    import ray.train
+    import torch
+    if rank != 0:
+        ray.train.report(history[-1])
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "epoch": epoch, "history": history, "torch_rng": torch.get_rng_state()},
+                   os.path.join(d, "state.pt"))
+        ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 def last_epoch(cfg: TrainConfig) -> int:

@@ -337,3 +337,30 @@ def test_stop_after_ends_the_loop_early():
     assert train_loop.last_epoch(TrainConfig(epochs=70, stop_after=10)) == 10
     assert train_loop.last_epoch(TrainConfig(epochs=70)) == 70
     assert train_loop.last_epoch(TrainConfig(epochs=5, stop_after=10)) == 5
+
+
+@needs_data
+def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(trained,
+                                                                             tmp_path):
+    """A campaign in pieces, with a real Ray Train: --stop-after 1 writes model.pt and keeps
+    the per-epoch checkpoint; resuming with the same --stop-after trains nothing and hands
+    back the same model; --stop-after 2 goes on from epoch 2 with epoch 1 as it was."""
+    _, _, root = trained
+    store = tmp_path / "store"
+    base = dict(data=(str(root / "data"),), epochs=3, stop_after=1, schedule="restarts",
+                lr=1e-3, num_workers=1, use_gpu="no", batch_size=16, seed=0,
+                storage_path=str(store), run_name="campaign")
+    first = train.fit(TrainConfig(**base, output=str(tmp_path / "e1")))
+    run = store / "campaign"
+    assert [h["epoch"] for h in first["history"]] == [1]
+    assert any(p.name.startswith("checkpoint_") for p in run.iterdir())
+    again = train.fit(TrainConfig(**base, output=str(tmp_path / "again"), resume_from=str(run)))
+    assert again["model_id"] == first["model_id"] and len(again["history"]) == 1
+    on = train.fit(TrainConfig(**dict(base, stop_after=2), output=str(tmp_path / "e2"),
+                               resume_from=str(run)))
+    assert [h["epoch"] for h in on["history"]] == [1, 2]
+    assert on["history"][0] == first["history"][0]
+    assert on["model_id"] != first["model_id"]
+    lr2 = on["history"][1]["lr"]  # the schedule of the whole 3-epoch run, not a new one
+    steps = -(-len(json.loads((tmp_path / "e1" / "split.json").read_text())["train"]) // 16)
+    assert lr2 == pytest.approx(train_loop.lr_at(2 * steps - 1, 3 * steps, 1e-3, "restarts"))
