@@ -87,7 +87,8 @@ class CenterFaceBatch:
                     chunk = idx[lo:lo + POOL_BATCH]
                     x = torch.from_numpy(np.stack([smalls[i] for i in chunk]))
                     x = x.to(self.device).float()[:, None].expand(-1, 3, -1, -1)
-                    heat, sizes, offset, _ = (t.float().cpu().numpy() for t in self.net(x))
+                    # the landmarks (4th output) stay on the device: nothing reads them
+                    heat, sizes, offset = (t.float().cpu().numpy() for t in self.net(x)[:3])
                     for k, i in enumerate(chunk):
                         out[i] = decode_centerface(heat[k:k + 1], sizes[k:k + 1],
                                                    offset[k:k + 1], self.threshold)
