@@ -94,6 +94,38 @@ def augment_faces(faces: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return out
 
 
+def augment_tensor(x, generator):
+    """augment_faces for a batch that lives on the device (a GPU run keeps the data there):
+    the same kinds of random transforms, drawn from `generator` (a torch.Generator on x's
+    device): horizontal flip, shift (+-SHIFT_PX), scale (SCALE_RANGE), rotation
+    (+-ROTATE_DEG) as one affine_grid + grid_sample with the border replicated, then
+    brightness/contrast on the first (equalized) plane. x: (n, C, h, w) uint8 -> same."""
+    import torch
+    import torch.nn.functional as F
+    n, _, h, w = x.shape
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=generator, device=x.device)
+
+    angle = uniform(-ROTATE_DEG, ROTATE_DEG, n) * (math.pi / 180)
+    scale = uniform(*SCALE_RANGE, n)
+    flip = torch.where(torch.rand(n, generator=generator, device=x.device) < 0.5, -1.0, 1.0)
+    theta = torch.empty(n, 2, 3, device=x.device)  # output -> input, normalized coordinates
+    theta[:, 0, 0] = flip * torch.cos(angle) / scale
+    theta[:, 0, 1] = -torch.sin(angle) / scale
+    theta[:, 1, 0] = flip * torch.sin(angle) / scale
+    theta[:, 1, 1] = torch.cos(angle) / scale
+    theta[:, 0, 2] = uniform(-SHIFT_PX, SHIFT_PX, n) * (2 / w)
+    theta[:, 1, 2] = uniform(-SHIFT_PX, SHIFT_PX, n) * (2 / h)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                        align_corners=False)
+    gain = uniform(*CONTRAST, n, 1, 1)
+    bias = uniform(-BRIGHTNESS, BRIGHTNESS, n, 1, 1)
+    out[:, 0] = out[:, 0] * gain + bias + 128 * (1 - gain)  # a canny plane stays as warped
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def class_weights(y: np.ndarray, num_classes: int, mode: str) -> np.ndarray | None:
     """Per-class loss weights (mean 1 over the classes present) for --class-weight."""
     if mode == "none":
@@ -176,13 +208,18 @@ def train_epoch(model, optimizer, x, y, order, *, cfg: TrainConfig, epoch: int, 
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     cuda = device.type == "cuda"
+    on_device = x.device.type == device.type != "cpu"  # data already on the GPU
+    generator = None
+    if cfg.augment and on_device:  # augment there too, from a seed of this epoch's rng
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(rng.integers(2**62)))
     for s in range(steps):
         idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-        xb = x[idx]
+        xb, yb = x[idx], y[idx]
         if cfg.augment:
-            xb = torch.from_numpy(augment_faces(xb.numpy(), rng))
-        yb = y[idx]
-        if cuda:  # pinned pages copy asynchronously while the last step still runs
+            xb = (augment_tensor(xb, generator) if on_device
+                  else torch.from_numpy(augment_faces(xb.numpy(), rng)))
+        if cuda and not on_device:  # pinned pages copy while the last step still runs
             xb, yb = xb.pin_memory(), yb.pin_memory()
         xb, yb = xb.to(device, non_blocking=cuda), yb.to(device, non_blocking=cuda)
         for g in optimizer.param_groups:

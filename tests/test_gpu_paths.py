@@ -53,3 +53,37 @@ def test_torch_level_modules_import_and_run_without_ray_and_av():
     """)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "fine" in res.stdout
+
+
+def test_the_prepared_gpu_command_runs_on_the_cpu_without_ray_and_av(tmp_path):
+    """bench/gpu.py --smoke: the device command's code, tiny sizes, on this CPU, where Ray
+    and PyAV cannot be imported (the GPU machine has neither). Every part writes its file,
+    none fails, and the trained model's parts rejoin into a checkpoint fer-batch loads."""
+    import json
+    out = tmp_path / "out"
+    res = run_without_ray_and_av(f"""
+        import runpy, sys
+        sys.argv = ["bench/gpu.py", "--smoke", "--out", {str(out)!r},
+                    "--archive", {str(tmp_path / "none.npz")!r}]
+        try:
+            runpy.run_path("bench/gpu.py", run_name="__main__")
+        except SystemExit as e:
+            assert not e.code, e.code
+    """)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for name in ("env.json", "infer.json", "detect.json", "agree.json", "train.json"):
+        part = json.loads((out / name).read_text())
+        assert "error" not in part, (name, part.get("traceback", part)[-2000:])
+    env = json.loads((out / "env.json").read_text())
+    assert env["ray"].startswith("absent") and env["av"].startswith("absent")
+    assert json.loads((out / "agree.json").read_text())["same_label"] == 1.0
+    trained = json.loads((out / "train.json").read_text())
+    assert trained["epochs"] >= 1 and trained["parts"]
+    detect = json.loads((out / "detect.json").read_text())
+    assert "skipped" in detect or detect["boxes_agree"], detect
+    joined = subprocess.run([sys.executable, "bench/gpu.py", "--join", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stderr[-2000:]
+    from fer_batch.model import load_checkpoint
+    _, meta = load_checkpoint(str(out / "model.pt"))
+    assert meta["model_id"] == trained["model_id"]

@@ -364,3 +364,25 @@ def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(t
     lr2 = on["history"][1]["lr"]  # the schedule of the whole 3-epoch run, not a new one
     steps = -(-len(json.loads((tmp_path / "e1" / "split.json").read_text())["train"]) // 16)
     assert lr2 == pytest.approx(train_loop.lr_at(2 * steps - 1, 3 * steps, 1e-3, "restarts"))
+
+
+def test_augment_tensor_draws_transforms_on_the_device_reproducibly():
+    """The GPU run's augmentation (data stays on the device): shape and dtype kept, the same
+    seed gives the same batch, another seed another one, and a face stays mostly a face."""
+    import torch
+    faces = np.stack([np.tile(np.linspace(0, 255, 48, dtype=np.uint8), (48, 1))[None]] * 8)
+    x = torch.from_numpy(faces)
+
+    def run(seed):
+        g = torch.Generator()
+        g.manual_seed(seed)
+        return train_loop.augment_tensor(x, g)
+
+    a, b, c = run(1), run(1), run(2)
+    assert a.shape == x.shape and a.dtype == torch.uint8
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert not torch.equal(a, x)
+    flipped = (a[:, 0, 24, :8].float().mean(1) > a[:, 0, 24, -8:].float().mean(1))
+    assert 0 < int(flipped.sum()) < 8  # some mirrored (bright left), some not
+    diff = (a.float() - torch.where(flipped[:, None, None, None], x.flip(-1), x).float())
+    assert diff.abs().mean() < 40  # shifted, turned, lit: still the same picture
