@@ -23,7 +23,8 @@ EXIT_INTERRUPTED = 130  # SIGINT/SIGTERM: the run left nothing visible
 
 DESCRIPTION = """\
 Find faces in image and video archives and label each face with a facial expression
-(ResNet-50 on 48x48 Haar crops, after the paper's method), on Ray: locally in-process, or
+(ResNet-50 on 48x48 face crops, after the paper's method; faces found by CenterFace, or by
+the paper's Haar cascade with --detector haar), on Ray: locally in-process, or
 on a cluster. Without --model, the shipped model labels faces (FER2013, 7 expressions with
 neutral; MODEL.md).
 

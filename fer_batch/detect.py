@@ -143,7 +143,7 @@ def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
 
 class HaarDetector:
     """detect(gray (h, w) uint8) -> boxes (n, 4) int32: ``detect_faces`` with fixed settings.
-    ``cascade`` and ``kw`` are the arguments it passes (training's --detect-faces reads them)."""
+    The cascade and the settings are fixed at construction (``DetectorSettings``)."""
 
     name = "haar"
 

@@ -99,7 +99,7 @@ def plan_segments(pts: np.ndarray, keyframe: np.ndarray, time_base: Fraction, st
     return plan
 
 
-# --- splitting a work unit (a Ray Data flat_map) ----------------------------------------
+# --- splitting a work unit (plain Ray tasks before the Ray Data chain: split_units) --------
 
 def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
     """(pts, keyframe, time_base, start_pts, duration_s) of a video's first video stream,

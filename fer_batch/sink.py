@@ -3,7 +3,7 @@
 The pipeline carries face rows (kind == "face") and file rows (kind == "file")
 in one Ray dataset, so each file's status travels with its faces. ``split_batch``
 turns one batch of that stream into a faces table and a files table;
-``write_batch`` writes both as Parquet into a run's staging folder. The commit
+``write_tables`` writes them as Parquet into a run's staging folder. The commit
 protocol that makes them visible lives in ``runs``.
 """
 

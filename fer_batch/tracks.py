@@ -1,9 +1,9 @@
 """Face tracks: link the faces of a video across sampled frames, smooth each track's
 expression probabilities over time and cut it into labelled segments.
 
-Pure functions on pyarrow tables and numpy arrays: no Ray, no I/O. The annotate
-pipeline processes each video in one task, so tracking runs after inference, per
-video: ``runs.Output.commit`` calls ``assign_tracks`` on a run's staged faces and
+Pure functions on pyarrow tables and numpy arrays: no Ray, no I/O. Tracking runs
+after inference, on a run's staged faces, so that a video split into segments is
+tracked across their borders: ``runs.Output.commit`` calls ``assign_tracks`` and
 stages the result (faces gain ``track_id``; a ``tracks`` table is written).
 
 Association, per source, frame by frame in frame_index order (no identity model):
