@@ -167,7 +167,11 @@ def _summary(m: dict) -> str:
     return (f"run {m['run_id']} committed in {m['seconds']:.1f} s\n"
             f"  files: {m['files_ok']} ok, {m['files_error']} error, {m['files_skipped']} "
             f"skipped" + (f", {m['files_already_done']} already done (--incremental)"
-                          if m.get("config", {}).get("incremental") else "") + "\n"
+                          if m.get("config", {}).get("incremental") else "")
+            + (f", {m['files_other_model']} of them labelled by another model (--relabel "
+               "redoes them)" if m.get("files_other_model") else "")
+            + (f", {m['files_relabelled']} relabelled" if m.get("files_relabelled") else "")
+            + "\n"
             f"  frames decoded: {m['frames']}   faces: {m['faces']}   faces/s: {rate:.1f}\n"
             f"  faces: {m['faces_path']}\n  files: {m['files_path']}\n"
             f"  manifest: {m['manifest_path']}")

@@ -39,6 +39,9 @@ class AnnotateConfig:
                       "are written under it.", "input")
     incremental: bool = opt(False, "Skip files already annotated by a committed earlier run "
                             "into the same output (same uri, size and mtime/ETag).", "input")
+    relabel: bool = opt(False, "With --incremental: also redo the done files that an earlier "
+                        "run labelled with another model (by default they are kept, and the "
+                        "run says how many there are).", "input")
     break_lock: bool = opt(False, "Take over OUT/_lock left by a run that died on another "
                            "machine (a dead run on this machine is detected by itself).", "input")
     follow_symlinks: bool = opt(False, "Follow symlinks that lead out of a SOURCE folder "

@@ -161,14 +161,20 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         if bad_names:
             progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
                      "\\xNN escapes for the bad bytes (docs/output.md)")
-        done = readers.done_index(cfg.output, cfg.endpoint_url) if cfg.incremental else {}
-        already = [e for e in entries
-                   if done.get(sink.safe_text(e["uri"])) == (e["size_bytes"], e["mtime_ns"])]
+        files = readers.read_files(cfg.output, endpoint_url=cfg.endpoint_url) \
+            if cfg.incremental else None
+        already, other_model = incremental_split(
+            entries, readers.done_index(cfg.output, files=files) if files is not None else {},
+            readers.labelled_by(files) if files is not None else {}, model_id, cfg.relabel)
         skip = {e["uri"] for e in already}
         settled = [e for e in entries if e["status"] != "pending" and e["uri"] not in skip]
         todo = [e for e in entries if e["status"] == "pending" and e["uri"] not in skip]
         progress(f"run {run_id}: {len(entries)} files listed, {len(todo)} to process, "
                  f"{len(settled)} skipped or unreadable, {len(already)} already done")
+        if other_model:
+            progress(f"{len(other_model)} done file(s) were labelled by another model than "
+                     f"{model_id}: " + ("relabelled now (--relabel)" if cfg.relabel else
+                                         "kept; --relabel redoes them with this model"))
 
         stage = out.staging(run_id)
         out.write_json(f"{stage}/config.json", dict(config=dataclasses.asdict(cfg),
@@ -187,6 +193,8 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
                         model_id=model_id, classes=list(classes),
                         config=dataclasses.asdict(cfg), files_listed=len(entries),
                         files_already_done=len(already), duplicate_rows_dropped=dropped,
+                        files_other_model=len(other_model) if not cfg.relabel else 0,
+                        files_relabelled=len(other_model) if cfg.relabel else 0,
                         detected_on=detected_on,
                         **counts)
         out.commit_or_set_aside(run_id, manifest)
@@ -195,6 +203,22 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         return manifest
     finally:
         out.release()
+
+
+def incremental_split(entries: list, done: dict, labelled_by: dict, model_id: str,
+                      relabel: bool = False) -> tuple[list, list]:
+    """(already, other_model) for --incremental: the entries an earlier committed run did
+    (same uri, size and mtime; done: readers.done_index), and those of them whose latest ok
+    row another model labelled (labelled_by: readers.labelled_by). With relabel, files of
+    another model are not 'already done': they are processed again."""
+    already = [e for e in entries
+               if done.get(sink.safe_text(e["uri"])) == (e["size_bytes"], e["mtime_ns"])]
+    other = [e for e in already
+             if labelled_by.get(sink.safe_text(e["uri"]), model_id) != model_id]
+    if relabel:
+        redo = {e["uri"] for e in other}
+        already = [e for e in already if e["uri"] not in redo]
+    return already, other
 
 
 def detect_in_pool(cfg: AnnotateConfig, use_gpu: bool) -> bool:

@@ -128,15 +128,23 @@ def iter_latest(out_uri, table: str, *, columns, runs: dict | None = None, filte
             yield tbl
 
 
-def done_index(out_uri: str, endpoint_url: str | None = None) -> dict[str, tuple]:
-    """source -> (size_bytes, mtime_ns) for files --incremental may skip."""
-    tbl = read_files(out_uri, endpoint_url=endpoint_url)
+def done_index(out_uri: str, endpoint_url: str | None = None,
+               files: pa.Table | None = None) -> dict[str, tuple]:
+    """source -> (size_bytes, mtime_ns) for files --incremental may skip. files: the latest
+    files rows when the caller has read them (read_files)."""
+    tbl = read_files(out_uri, endpoint_url=endpoint_url) if files is None else files
     idx = {}
     for s, st, size, mt in zip(tbl["source"].to_pylist(), tbl["status"].to_pylist(),
                                tbl["size_bytes"].to_pylist(), tbl["mtime_ns"].to_pylist()):
         if st in SKIP_STATUSES:
             idx[s] = (size, mt)
     return idx
+
+
+def labelled_by(files: pa.Table) -> dict[str, str]:
+    """source -> model_id of the model that labelled its latest ok row (files: read_files)."""
+    return {s: m for s, st, m in zip(files["source"].to_pylist(), files["status"].to_pylist(),
+                                     files["model_id"].to_pylist()) if st == "ok"}
 
 
 def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str) -> int:

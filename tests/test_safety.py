@@ -389,3 +389,21 @@ def test_a_full_disk_inside_ray_is_told_in_one_line():
     line = cli.one_line(found)
     assert line == "/out/_staging/x/part-1.parquet: No space left on device"
     assert cli.os_error_in(ValueError("no cause")) is None
+
+
+def test_incremental_counts_files_of_another_model_and_relabel_redoes_them():
+    """Night 2 with another model: the done files labelled by night 1's model are counted
+    (kept by default), and --relabel processes them again. pipeline.incremental_split is
+    the whole rule; readers.labelled_by reads the model of each file's latest ok row."""
+    from fer_batch import pipeline
+    entries = [dict(uri=u, size_bytes=1, mtime_ns=2) for u in ("/a.jpg", "/b.jpg", "/c.jpg")]
+    done = {"/a.jpg": (1, 2), "/b.jpg": (1, 2), "/c.jpg": (9, 9)}  # c changed since
+    by = {"/a.jpg": "old", "/b.jpg": "new", "/c.jpg": "old"}
+    already, other = pipeline.incremental_split(entries, done, by, "new")
+    assert [e["uri"] for e in already] == ["/a.jpg", "/b.jpg"]
+    assert [e["uri"] for e in other] == ["/a.jpg"]
+    already, other = pipeline.incremental_split(entries, done, by, "new", relabel=True)
+    assert [e["uri"] for e in already] == ["/b.jpg"] and [e["uri"] for e in other] == ["/a.jpg"]
+    files = pa.table({"source": ["/a.jpg", "/n.txt"], "status": ["ok", "skipped"],
+                      "model_id": ["old", "old"]})
+    assert readers.labelled_by(files) == {"/a.jpg": "old"}  # a skipped file has no model
