@@ -161,10 +161,15 @@ def summary_html(d: ReportData) -> str:
     kpis = (("files", len(d.files)), ("ok", status.get("ok", 0)),
             ("errors", status.get("error", 0)), ("skipped", status.get("skipped", 0)),
             ("faces", d.faces), ("videos with faces", d.videos), ("tracks", d.tracks))
-    models = sorted({f"{m.get('model_id')} ({', '.join(m.get('classes', []))})"
-                     for m in d.manifests.values()})
+    ok = d.files[d.files["status"] == "ok"] if len(d.files) else d.files
+    labelled = ok["model_id"].value_counts() if len(ok) else pd.Series(dtype=int)
+    classes = {m.get("model_id"): m.get("classes", []) for m in d.manifests.values()}
+    models = [f"{mid} ({', '.join(classes.get(mid, []))}): labelled "
+              f"{plural(int(labelled.get(mid, 0)), 'file')}"
+              for mid in sorted(set(classes) | set(labelled.index), key=str)]
     return ("<p class=kpi>" + "".join(f"<span>{k} <b>{v}</b></span>" for k, v in kpis)
-            + "</p>\n<p class=note>Models: " + html.escape("; ".join(models)) + "</p>")
+            + "</p>\n<p class=note>Models (which labelled the latest row of each file): "
+            + html.escape("; ".join(models)) + "</p>")
 
 
 def labels_html(d: ReportData, colors, pngs) -> str:
