@@ -16,7 +16,7 @@ import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
 from fer_batch import sink
-from fer_batch.runs import Output, new_run_id, now_iso
+from fer_batch.runs import Output, new_run_id, now_iso, partition_run_id
 
 SKIP_STATUSES = ("ok", "skipped")  # --incremental re-processes files that ended in error
 
@@ -25,13 +25,32 @@ def _output(out, endpoint_url) -> Output:
     return out if isinstance(out, Output) else Output(out, endpoint_url)
 
 
+def table_dataset(out: Output, table: str, runs=None) -> pds.Dataset:
+    """OUT/<table> (faces, files, tracks) as one dataset whose schema is the union of the
+    schemas of its files (of the runs `runs`, default all). Runs of models with other
+    classes have other class columns; pyarrow alone would take the first file's columns and
+    drop the rest. Here every run's class probabilities are read, null in the rows of runs
+    whose model lacks the class."""
+    d = out.path(table)
+    first = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
+    frags = [f for f in first.get_fragments()
+             if runs is None or any(partition_run_id(part) in runs
+                                    for part in f.path.split("/"))]
+    schemas = [f.physical_schema for f in frags]
+    if len({tuple(zip(s.names, map(str, s.types))) for s in schemas}) <= 1 and runs is None:
+        return first  # one schema: nothing to unify
+    return pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive",
+                       schema=pa.unify_schemas([*schemas, pa.schema([
+                           first.schema.field("run_id")])]))
+
+
 def _read_committed(out: Output, table: str, runs: dict, columns=None) -> pa.Table | None:
     """Rows of `table` in the runs of one listing (`runs`), run_id as a string; None when
     there is no such run or table. A run committed after that listing is not read."""
     d = out.path(table)
     if not runs or not out.exists(d):
         return None
-    ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
+    ds = table_dataset(out, table)
     tbl = ds.to_table(columns=columns, filter=pc.field("run_id").isin(list(runs)))
     return tbl.set_column(tbl.schema.get_field_index("run_id"), "run_id",
                           pc.cast(tbl["run_id"], pa.string()))
@@ -115,7 +134,7 @@ def iter_latest(out_uri, table: str, *, columns, runs: dict | None = None, filte
     latest = read_files(out, runs=runs).select(["source", "run_id"])
     where = pc.field("run_id").isin(list(runs))
     where = where if filter is None else where & filter
-    ds = pds.dataset(d, filesystem=out.fs, format="parquet", partitioning="hive")
+    ds = table_dataset(out, table)
     scan = dict(columns=list(dict.fromkeys([*columns, "source", "run_id"])), filter=where)
     if batch_rows is not None:
         scan["batch_size"] = batch_rows
@@ -183,26 +202,26 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
         old = out.committed_runs()
         if len(old) < 2:
             return f"{out.uri}: {len(old)} committed run(s), nothing to compact"
-        class_sets = {tuple(m.get("classes", ())) for m in old.values()}
-        if len(class_sets) > 1:
-            raise ValueError(f"{out.uri}: runs of models with different classes cannot be "
-                             "compacted into one table; compact into separate outputs")
         latest = read_files(out, runs=old).select(["source", "run_id"])
+        live = [r for r in old if r in set(latest["run_id"].to_pylist())]
         stage = out.staging(rid)
         rows = {}
         for table in ("faces", "files", "tracks"):
             if not out.exists(out.path(table)):
                 continue
-            ds = pds.dataset(out.path(table), filesystem=out.fs, format="parquet",
-                             partitioning="hive")
+            ds = table_dataset(out, table, live)  # one schema (of the rows that stay)
             for old_id in old:
                 n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet")
                 if n:
                     rows[table] = rows.get(table, 0) + n
         out.write_json(f"{stage}/TRACKED.json", dict(note="compacted rows keep their track_id"))
         last = old[list(old)[-1]]
+        classes = []  # every class of the models whose rows stay, first seen first
+        for r in live:
+            classes += [c for c in old[r].get("classes", []) if c not in classes]
         manifest = dict(run_id=rid, started=now_iso(), finished=now_iso(), compacted_from=list(old),
-                        model_id=last.get("model_id"), classes=last.get("classes"),
+                        model_id=last.get("model_id"), classes=classes or last.get("classes"),
+                        models=sorted({str(old[r].get("model_id")) for r in live}),
                         config=last.get("config"), rows=rows)
         out.commit_or_set_aside(rid, manifest)
         for old_id in old:  # manifest first: from here on the old run is invisible

@@ -25,7 +25,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as pds
 
 from fer_batch import readers, runs, tracks
 
@@ -107,8 +106,7 @@ def face_columns(out: runs.Output) -> list[str]:
     """The column names of OUT/faces ([] when there is none)."""
     if not out.exists(out.path("faces")):
         return []
-    return pds.dataset(out.path("faces"), filesystem=out.fs, format="parquet",
-                       partitioning="hive").schema.names
+    return readers.table_dataset(out, "faces").schema.names  # every model's classes
 
 
 def model_classes(manifests: dict) -> list[str]:
@@ -277,7 +275,7 @@ def read_crops(out: runs.Output, picked: pd.DataFrame,
     key = lambda s, r, f, i: (s, str(r), int(f), int(i))  # noqa: E731
     want = {key(*r) for r in picked[["source", "run_id", "frame_index", "face_index"]]
             .itertuples(index=False)}
-    ds = pds.dataset(out.path("faces"), filesystem=out.fs, format="parquet", partitioning="hive")
+    ds = readers.table_dataset(out, "faces")
     flt = (pc.field("run_id").isin(sorted({str(k[1]) for k in want}))
            & pc.field("source").isin(sorted({k[0] for k in want}))
            & pc.field("frame_index").isin(sorted({k[2] for k in want})))

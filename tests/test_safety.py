@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -407,3 +408,38 @@ def test_incremental_counts_files_of_another_model_and_relabel_redoes_them():
     files = pa.table({"source": ["/a.jpg", "/n.txt"], "status": ["ok", "skipped"],
                       "model_id": ["old", "old"]})
     assert readers.labelled_by(files) == {"/a.jpg": "old"}  # a skipped file has no model
+
+
+def test_two_models_read_whole_and_compact_into_one_schema(tmp_path):
+    """Night 1: a 7-class FER2013 model; night 2 relabels a.mp4 with a CK+ model (contempt,
+    no neutral). pyarrow took the first file's columns (contempt lost) and compact refused
+    such an output for ever. Now the readers read every model's columns (null where a
+    model lacks the class), compact keeps the latest view in one schema, drops the
+    superseded run, and a plain DuckDB glob reads the result."""
+    import duckdb
+    fer = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+    ck = corpus_classes()
+    out = runs.Output(str(tmp_path / "out"))
+    out.claim()
+    out.commit(RID_DEAD, stage_run(out, RID_DEAD, fer, "a.mp4"))
+    out.commit(RID_ORPHAN, stage_run(out, RID_ORPHAN, fer, "b.mp4"))
+    out.commit(RID_STUCK, stage_run(out, RID_STUCK, ck, "a.mp4"))  # b.mp4 stays night 1's
+
+    def check(faces):
+        faces = faces.set_index("source")
+        assert sorted(faces.index) == ["a.mp4", "b.mp4"]
+        assert faces.loc["a.mp4", "contempt"] == 0 and np.isnan(faces.loc["a.mp4", "neutral"])
+        assert faces.loc["b.mp4", "neutral"] == 0 and np.isnan(faces.loc["b.mp4", "contempt"])
+
+    check(fer_batch.read_faces(out.uri, as_pandas=True))
+    assert "contempt" in fer_batch.read_faces(out.uri, columns=["contempt"]).column_names
+    from fer_batch import report_data
+    assert {"contempt", "neutral"} <= set(report_data.load(out.uri).classes)  # the report's
+    assert "compacted 3 runs" in readers.compact(out.uri)
+    (rid,) = out.committed_runs()
+    check(fer_batch.read_faces(out.uri, as_pandas=True))
+    assert not (tmp_path / "out" / "faces" / f"run_id={RID_DEAD}").exists()
+    glob = str(tmp_path / "out" / "faces" / "*" / "*.parquet")
+    rows = duckdb.sql(f"SELECT source, contempt, neutral FROM read_parquet('{glob}', "
+                      "hive_partitioning=true) ORDER BY source").fetchall()
+    assert rows == [("a.mp4", 0.0, None), ("b.mp4", None, 0.0)]
