@@ -258,7 +258,7 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
 def train(cfg: TrainConfig, verbose: bool = False) -> int:
     from fer_batch import train as train_mod
     try:  # fail fast, before Ray starts: options, data folder, --pretrained weights
-        checked = train_mod.check_config(cfg)
+        checked = train_mod.check_training(cfg)
     except (RuntimeError, ValueError, OSError) as e:
         print(f"fer-batch train: error: {e}", file=sys.stderr)
         return EXIT_USAGE

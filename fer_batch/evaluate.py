@@ -166,7 +166,7 @@ def plot_reliability(bins: list[dict], ece: float, path: str, title: str = "") -
     plt.close(fig)
 
 
-def write_report(output: str, metrics: dict, history: list[dict] | None = None,
+def write_metrics(output: str, metrics: dict, history: list[dict] | None = None,
                  title: str = "") -> None:
     """metrics.json, confusion_matrix.png, reliability.png (with calibration metrics) and
     (with a history) training_curves.png."""
@@ -287,7 +287,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     print(format_confusion(metrics["confusion_matrix"], classes))
     if output:
         with storage.local_output(output, endpoint_url) as out:
-            write_report(out, metrics, title=os.path.basename(os.path.normpath(data)))
+            write_metrics(out, metrics, title=os.path.basename(os.path.normpath(data)))
             write_predictions(os.path.join(out, "predictions.parquet"),
                               [paths[i] for i in keep], y_true, probs, classes)
     return metrics

@@ -287,7 +287,7 @@ class FaceCropper:
         stats, found, held = decode.VideoStats(), [], []  # held: frames awaiting detection
         try:
             with storage.open_input(entry["uri"], self.endpoint_url) as f:
-                for frame in segments.iter_frames(
+                for frame in segments.iter_unit_frames(
                         f, entry, sample_fps=self.sample_fps, every_n=self.every_n,
                         max_pixels=self.max_pixels, stats=stats,
                         threads=self.decode_threads):

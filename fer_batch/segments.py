@@ -10,7 +10,7 @@ must be work units of their own from the start):
     split_unit(row)       a work unit holding one video: open its header (duration); when
                           longer than 1.5 x segment_s, demux its packets once (no decoding)
                           and emit one unit per segment, each entry carrying a ``segment``
-    iter_frames(f, entry) FaceCropper decodes a segment: seek to the keyframe at or before
+    iter_unit_frames(f, entry) FaceCropper decodes a segment: seek to the keyframe at or before
                           its start, decode from there, keep the frames of [start, end)
     fold_rows(table)      before the commit, the segments' partial rows of a video -> its
                           one files row (sums; error when any segment failed)
@@ -250,7 +250,7 @@ class Window:
         return inside
 
 
-def iter_frames(file, entry: dict, *, stats: decode.VideoStats, **kw):
+def iter_unit_frames(file, entry: dict, *, stats: decode.VideoStats, **kw):
     """decode.iter_frames for a work entry: the whole video, or the frames of its segment
     (entry["segment"]) with the indexes and timestamps of the whole video. stats ends with
     frames_decoded = the frames of the segment. A seek that does not land on the planned

@@ -14,10 +14,10 @@ Data flow, top to bottom:
    28,709 about 66 MB). Every epoch it reports metrics and a checkpoint; after a worker
    failure Ray restarts the workers (FailureConfig(max_failures=2)) and they resume from it;
    --resume-from continues a run whose driver died. Rank 0's progress reaches the driver's
-   console through a Ray queue (``show_progress``).
+   console through a Ray queue (``relay_progress``).
 4. ``train_split``: the driver scores the test split with ``infer.predict`` (the annotate
    code path) and writes model.pt, metrics.json, split.json, confusion_matrix.png,
-   training_curves.png; ``summarize_folds`` for --folds.
+   training_curves.png; ``write_folds`` for --folds.
 
 Every option is a TrainConfig field (the CLI flags are generated from it).
 """
@@ -95,7 +95,7 @@ def fold_indices(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int =
         folds, shuffle=True, random_state=seed).split(np.arange(len(labels)), labels, groups)]
 
 
-def show_progress(queue, epochs: int, done) -> None:
+def relay_progress(queue, epochs: int, done) -> None:
     """Driver thread: rank 0's messages from `queue` as one progress bar per epoch and one
     line per finished epoch, until `done` (a threading.Event) is set and the queue is empty."""
     from queue import Empty
@@ -167,7 +167,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     from ray.util.queue import Queue
     config["progress"] = Queue(actor_options={"num_cpus": 0})
     done = threading.Event()
-    shower = threading.Thread(target=show_progress, args=(config["progress"], cfg.epochs, done),
+    shower = threading.Thread(target=relay_progress, args=(config["progress"], cfg.epochs, done),
                               daemon=True)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
@@ -243,7 +243,7 @@ def pretrained_state(cfg, classes, in_channels: int) -> dict | None:
     return net.state_dict()
 
 
-def check_config(cfg: TrainConfig) -> dict:
+def check_training(cfg: TrainConfig) -> dict:
     """Fail fast, before Ray starts: bad options, missing data, unavailable weights.
 
     Returns what it had to find out, for ``fit`` not to do it twice: dict(listed=
@@ -367,7 +367,7 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
         train_config=dataclasses.asdict(cfg), data=summary, calibration=calibration,
         metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
     m["wall_seconds"] = time.perf_counter() - t_start
-    evaluate.write_report(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
+    evaluate.write_metrics(out, m, history, f"fold {k}" if cfg.folds else f"{cfg.split} split")
     split_files = dict(train=[data["names"][i] for i in tr], test=[data["names"][i] for i in te],
                        calibration=[data["names"][i] for i in cal])
     if groups is not None:
@@ -379,7 +379,7 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
     return m
 
 
-def summarize_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: float) -> dict:
+def write_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: float) -> dict:
     """--folds K: mean and std over the folds, the summed confusion matrix (every image is
     tested once), fold 0's model as OUTPUT/model.pt, OUTPUT/metrics.json."""
     from fer_batch import evaluate
@@ -405,13 +405,13 @@ def summarize_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: flo
 
 def fit(cfg: TrainConfig, checked: dict | None = None) -> dict:
     """Train on cfg.data and write the outputs to cfg.output, local or s3:// (see module
-    docstring). checked: what check_config(cfg) returned, when the caller already ran it.
+    docstring). checked: what check_training(cfg) returned, when the caller already ran it.
 
     Returns the metrics dict written to metrics.json: test metrics of the single split, or
     with --folds K the mean/std over folds (``cv``) plus each fold's metrics (``folds``).
     """
     t_start = time.perf_counter()
-    checked = checked if checked is not None else check_config(cfg)
+    checked = checked if checked is not None else check_training(cfg)
     with storage.local_output(cfg.output, cfg.endpoint_url) as out:
         return _fit(dataclasses.replace(cfg, output=out), checked, t_start)
 
@@ -432,4 +432,4 @@ def _fit(cfg: TrainConfig, checked: dict, t_start: float) -> dict:
     if not cfg.folds:
         print(evaluate.format_confusion(runs[0]["confusion_matrix"], classes), flush=True)
         return runs[0]
-    return summarize_folds(cfg, runs, classes, data["skipped"], t_start)
+    return write_folds(cfg, runs, classes, data["skipped"], t_start)

@@ -36,7 +36,7 @@ def decoded(path, entries, **kw) -> tuple[list, int]:
         stats = decode.VideoStats()
         with open(path, "rb") as f:
             frames += [(i, t, int(g.astype(np.int64).sum()))
-                       for i, t, g in segments.iter_frames(f, entry, stats=stats, **kw)]
+                       for i, t, g in segments.iter_unit_frames(f, entry, stats=stats, **kw)]
         assert stats.error is None, stats.error
         total += stats.frames_decoded
     return frames, total

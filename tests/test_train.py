@@ -134,7 +134,7 @@ def test_missing_pretrained_file_fails_fast(tmp_path):
         cv2.imwrite(str(tmp_path / cls / "x.png"), np.zeros((48, 48), np.uint8))
     cfg = TrainConfig(data=(str(tmp_path),), pretrained=str(tmp_path / "nope.pth"))
     with pytest.raises(RuntimeError, match="no such file"):
-        train.check_config(cfg)
+        train.check_training(cfg)
 
 
 # --- real Ray Train ---------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def test_resume_from_a_folder_without_state_fails_fast(tmp_path):
     (tmp_path / "snapshot.json").write_text("{}")
     for bad in (tmp_path / "snapshot.json", tmp_path / "nothing"):
         with pytest.raises(ValueError, match="checkpoint_"):
-            train.check_config(TrainConfig(data=(str(tmp_path),), resume_from=str(bad)))
+            train.check_training(TrainConfig(data=(str(tmp_path),), resume_from=str(bad)))
 
 
 # Determinism (the same data, config and seed give the same model on one machine) is
