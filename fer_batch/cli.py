@@ -187,10 +187,7 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
     from fer_batch.model import load_checkpoint
     pipeline.check_config(cfg)
     detect.check_detector(cfg.detector)  # its weights and runtime are installed
-    if cfg.detect_on == "pool":
-        if cfg.detector != "centerface":
-            raise pipeline.ConfigError("--detect-on pool runs CenterFace: use --detector "
-                                       "centerface, or --detect-on cpu")
+    if cfg.detect_on == "pool":  # (the detector rule is pipeline.check_config's)
         from fer_batch.detect_torch import check_torch_detector
         check_torch_detector()
     for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],

@@ -68,8 +68,9 @@ def range_problem(value, lo=None, gt=None, hi=None) -> str | None:
 
 def check_config(cfg: AnnotateConfig) -> None:
     """Fail fast, before Ray starts: every option whose field carries bounds in its metadata
-    (config.opt(..., min=, gt=, max=)) must lie within them. Raises ConfigError with one
-    line naming the flag and its allowed range."""
+    (config.opt(..., min=, gt=, max=)) must lie within them, and options must not
+    contradict each other (--detect-on pool runs CenterFace). Raises ConfigError with one
+    line naming the flag and the fix. The CLI and library callers (``run``) both get it."""
     for f in dataclasses.fields(cfg):
         md = f.metadata
         if not {"min", "gt", "max"} & set(md):
@@ -78,6 +79,9 @@ def check_config(cfg: AnnotateConfig) -> None:
         problem = range_problem(value, md.get("min"), md.get("gt"), md.get("max"))
         if problem:
             raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} {problem}")
+    if cfg.detect_on == "pool" and cfg.detector != "centerface":
+        raise ConfigError("--detect-on pool runs CenterFace: use --detector centerface, or "
+                          "--detect-on cpu")
 
 
 def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[dict]:

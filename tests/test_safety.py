@@ -443,3 +443,12 @@ def test_two_models_read_whole_and_compact_into_one_schema(tmp_path):
     rows = duckdb.sql(f"SELECT source, contempt, neutral FROM read_parquet('{glob}', "
                       "hive_partitioning=true) ORDER BY source").fetchall()
     assert rows == [("a.mp4", 0.0, None), ("b.mp4", None, 0.0)]
+
+
+def test_a_library_caller_gets_the_clis_refusal_of_pool_with_haar():
+    """--detect-on pool runs CenterFace: the rule lived in the CLI only, so a library call
+    with detector="haar" ran CenterFace silently. It is the config check's now."""
+    from fer_batch import pipeline
+    with pytest.raises(pipeline.ConfigError, match="--detect-on pool runs CenterFace"):
+        pipeline.check_config(AnnotateConfig(detect_on="pool", detector="haar"))
+    pipeline.check_config(AnnotateConfig(detect_on="pool"))  # centerface: fine
