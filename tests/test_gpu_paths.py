@@ -23,7 +23,7 @@ BLOCKED = textwrap.dedent("""
 
 def run_without_ray_and_av(body: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", BLOCKED + textwrap.dedent(body)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
 
 
 def test_the_blocker_blocks():
