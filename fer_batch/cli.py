@@ -194,11 +194,9 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
                       (cfg.output, "output")]:
         if storage.is_s3(uri):
             storage.check_access(uri, cfg.endpoint_url, kind=kind)
-    for src in cfg.sources:  # local checks first: they cost nothing
-        if not storage.is_s3(src):
-            storage.check_access(src, cfg.endpoint_url, kind="source")
-    if not storage.is_s3(cfg.output):
-        storage.check_local_output(cfg.output)  # a file, or a folder we cannot write
+    for uri, kind in [*[(s, "source") for s in cfg.sources], (cfg.output, "output")]:
+        if not storage.is_s3(uri):  # local checks first: they cost nothing
+            storage.check_access(uri, cfg.endpoint_url, kind=kind)  # output: writable
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
     _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
     sink.check_class_names(meta["classes"], cfg.model)

@@ -42,11 +42,9 @@ def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> 
     if schedule == "cosine":
         return base_lr * _cosine(t)
     if schedule == "restarts":
-        start = 0.0
-        for share in RESTART_CYCLES:
+        for start, share in _cycles():
             if t < start + share or share == RESTART_CYCLES[-1]:
                 return base_lr * _cosine(min(1.0, (t - start) / share))
-            start += share
     if schedule == "onecycle":
         lo, hi, end = base_lr / 25, base_lr, base_lr / 1e4
         if t < 0.3:
@@ -62,13 +60,15 @@ def _cosine(t: float) -> float:
     return 0.5 * (1 + math.cos(math.pi * (t - 0.05) / 0.95))
 
 
+def _cycles() -> list[tuple[float, float]]:
+    """(start, share) of each --schedule restarts cycle, as fractions of the run."""
+    starts = [sum(RESTART_CYCLES[:i]) for i in range(len(RESTART_CYCLES))]
+    return list(zip(starts, RESTART_CYCLES))
+
+
 def restart_ends(epochs: int) -> list[int]:
     """The epochs after which --schedule restarts is annealed (the ends of its cycles)."""
-    ends, start = [], 0.0
-    for share in RESTART_CYCLES:
-        start += share
-        ends.append(round(start * epochs))
-    return ends
+    return [round((start + share) * epochs) for start, share in _cycles()]
 
 
 def augment_faces(faces: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -181,9 +181,10 @@ def restore(net, optimizer, resume_from: str | None, device) -> tuple[int, list]
     import torch
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from:
-        local = not resume_from.startswith("s3://")
+        from fer_batch import storage
         checkpoint = ray.train.Checkpoint.from_directory(
-            latest_checkpoint(os.path.expanduser(resume_from)) if local else resume_from)
+            resume_from if storage.is_s3(resume_from)
+            else latest_checkpoint(os.path.expanduser(resume_from)))
     if not checkpoint:
         return 0, []
     with checkpoint.as_directory() as d:
