@@ -257,6 +257,10 @@ class TrainConfig:
     run_name: Optional[str] = opt(None, "Name of the run's checkpoint folder under "
                                   "--storage-path (default fer-train-DATE-TIME); a campaign "
                                   "names it once and resumes it by that name.", "cluster")
+    start_epoch: int = opt(0, "Begin the schedule after this epoch, from the weights of "
+                           "--pretrained and a new optimizer: a campaign goes on on a machine "
+                           "that lacks its checkpoints (MODEL.md names the epoch the shipped "
+                           "model reached). Not with --resume-from.", "cluster", min=0)
     stop_after: int = opt(0, "Stop after this epoch (0 = at --epochs): that epoch's model is "
                           "scored and written as model.pt, and the per-epoch checkpoints stay "
                           "under --storage-path for a later --resume-from, which goes on with "

@@ -104,6 +104,48 @@ def resolve(uri: str, endpoint_url: str | None = None) -> tuple[pafs.FileSystem,
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+# pyarrow reads a GetObject answer into a buffer the size of the range it asked for; an
+# error answer with a longer body (S3's AccessDenied XML) overflows it, and the AWS SDK then
+# reports only INTERNAL_FAILURE with this text, which it does not retry either.
+MASKED_GET_ERROR = "Failed to flush response stream"
+
+
+def get_range(uri: str, start: int, size: int, endpoint_url: str | None = None) -> bytes:
+    """Bytes [start, start + size) of an S3 object, read with one ranged GET through boto3
+    (the same credential chain and endpoint): what ``read_at`` falls back on when pyarrow's
+    GetObject failed with MASKED_GET_ERROR. A transient failure then reads; a refusal raises
+    OSError naming S3's own error, e.g. "AWS Error ACCESS_DENIED during GetObject operation
+    (HTTP 403 AccessDenied: Access Denied)"."""
+    import boto3
+    import botocore.exceptions
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    client = boto3.session.Session().client("s3", endpoint_url=s3_endpoint(endpoint_url))
+    try:
+        answer = client.get_object(Bucket=bucket, Key=key,
+                                   Range=f"bytes={start}-{start + max(size, 1) - 1}")
+        return answer["Body"].read()[:size]
+    except botocore.exceptions.ClientError as e:
+        err, meta = e.response.get("Error", {}), e.response.get("ResponseMetadata", {})
+        code = str(err.get("Code", "Unknown"))
+        if code == "InvalidRange":  # a range at or past the end of the object (it shrank)
+            return b""
+        sdk_name = re.sub(r"(?<!^)(?=[A-Z])", "_", code).upper()  # AccessDenied -> ACCESS_DENIED
+        raise OSError(redact(f"AWS Error {sdk_name} during GetObject operation (HTTP "
+                             f"{meta.get('HTTPStatusCode', '?')} {code}: "
+                             f"{err.get('Message', '')})")) from None
+
+
+def read_at(f, uri: str, size: int, offset: int, endpoint_url: str | None = None) -> bytes:
+    """f.read_at(size, offset) of a pyarrow S3 file, with S3's real answer when pyarrow
+    masked it (MASKED_GET_ERROR): get_range asks again."""
+    try:
+        return f.read_at(size, offset)
+    except OSError as e:
+        if MASKED_GET_ERROR not in str(e):
+            raise
+        return get_range(uri, offset, size, endpoint_url)
+
+
 class RangeReader(io.RawIOBase):
     """A seekable read-only file over an S3 object, read with ranged GETs through pyarrow.
 
@@ -114,8 +156,9 @@ class RangeReader(io.RawIOBase):
     again from S3_READ_MIN and keeps the previous range, so jumping back costs nothing.
     """
 
-    def __init__(self, f):
+    def __init__(self, f, uri: str, endpoint_url: str | None = None):
         self.f, self.length, self.pos = f, f.size(), 0
+        self.uri, self.endpoint_url = uri, endpoint_url
         self.ranges: list[tuple[int, bytes]] = []  # (start, data), most recent last
         self.next_size = S3_READ_MIN
 
@@ -162,7 +205,7 @@ class RangeReader(io.RawIOBase):
         sequential = any(s + len(d) == self.pos for s, d in self.ranges)
         self.next_size = min(2 * self.next_size, S3_READ_MAX) if sequential else S3_READ_MIN
         size = min(max(self.next_size, end - self.pos), self.length - self.pos)
-        hit = (self.pos, self.f.read_at(size, self.pos))
+        hit = (self.pos, read_at(self.f, self.uri, size, self.pos, self.endpoint_url))
         self.ranges = [*self.ranges[-1:], hit]
         return hit
 
@@ -190,7 +233,7 @@ def open_input(uri: str, endpoint_url: str | None = None):
     if not is_s3(uri) and not utf8_name(path):
         return open(path, "rb")
     f = fs.open_input_file(path)
-    return RangeReader(f) if is_s3(uri) else f
+    return RangeReader(f, uri, endpoint_url) if is_s3(uri) else f
 
 
 @contextlib.contextmanager
@@ -228,7 +271,9 @@ def read_bytes(uri: str, endpoint_url: str | None = None, max_bytes: int = 0) ->
         if max_bytes and size > max_bytes:
             raise TooLargeError(f"file is {size:,} bytes, over the limit of {max_bytes:,} "
                                 "(--max-image-bytes): not read")
-        data = f.read(max_bytes + 1) if max_bytes else f.read()
+        want = min(size, max_bytes + 1) if max_bytes else size
+        data = (read_at(f, uri, want, 0, endpoint_url) if is_s3(uri)
+                else f.read(max_bytes + 1) if max_bytes else f.read())
     if max_bytes and len(data) > max_bytes:
         raise TooLargeError(f"file grew past the limit of {max_bytes:,} bytes while read "
                             "(--max-image-bytes): not read")

@@ -266,6 +266,10 @@ def check_training(cfg: TrainConfig) -> dict:
     lr_at(0, 1, cfg.lr, cfg.schedule)
     if cfg.stop_after < 0 or not 0 <= cfg.calibration_fraction <= 0.5:
         raise ValueError("--stop-after must be 0 or more, --calibration-fraction in 0..0.5")
+    if cfg.start_epoch and (cfg.resume_from or cfg.pretrained == "none"
+                            or cfg.start_epoch >= last_epoch(cfg)):
+        raise ValueError("--start-epoch goes on from --pretrained weights (not with "
+                         "--resume-from) and must be before --stop-after and --epochs")
     if cfg.resume_from and not storage.is_s3(cfg.resume_from):
         latest_checkpoint(os.path.expanduser(cfg.resume_from))  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)

@@ -314,6 +314,8 @@ def train_loop_per_worker(config: dict) -> None:
     net = net.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(net, cfg)
     start, history = restore(net, optimizer, cfg.resume_from, device)
+    if not start and cfg.start_epoch:  # --start-epoch: init_ref's weights, a new optimizer
+        start = cfg.start_epoch
     if start:
         say("note", f"resuming after epoch {start}")
     weight = config.get("class_weight")

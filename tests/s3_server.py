@@ -155,6 +155,9 @@ HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection
 SLOWDOWN_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>SlowDown</Code>'
                 b'<Message>Please reduce your request rate.</Message></Error>')
 
+DENIED_XML = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</Code>'
+              b'<Message>Access Denied</Message><RequestId>proxy</RequestId></Error>')
+
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the AWS SDK expects
@@ -193,6 +196,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             proxy.requests.append(rec)
         if fault == "reset":
             self._reset()
+            return
+        if fault == "forbidden" and self.command == "GET":  # one AccessDenied with its XML
+            rec.status = 403
+            self.send_response(403, "Forbidden")
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(DENIED_XML)))
+            self.end_headers()
+            self.wfile.write(DENIED_XML)
+            rec.body_bytes = len(DENIED_XML)
             return
         if fault == "slowdown":
             rec.status = 503
@@ -244,7 +256,8 @@ class FaultProxy:
 
     ``fail(key, *faults, methods=("GET", "HEAD"))`` queues faults for the next requests
     whose object key is ``key``: "slowdown" (503 SlowDown), "reset" (TCP reset before any
-    answer), "truncate" (a GET body cut in half, then a reset) or "hook:NAME" (run
+    answer), "truncate" (a GET body cut in half, then a reset), "forbidden" (one GET
+    answered 403 AccessDenied with S3's XML body) or "hook:NAME" (run
     ``hooks[NAME](bucket, key)`` then forward normally). Later requests pass through.
     """
 

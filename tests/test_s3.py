@@ -231,6 +231,24 @@ def test_transient_failures_are_retried_without_losing_bytes(s3, proxy, archive)
                     ("GET", "truncate", 206), ("GET", None, 206)]
 
 
+def test_a_get_error_that_pyarrow_masks_is_asked_again(s3, proxy):
+    """pyarrow reads a GetObject answer into a buffer of the range's size, so a longer error
+    body comes out as INTERNAL_FAILURE "Failed to flush response stream" (never retried).
+    storage asks again through boto3: a one-off refusal then reads, a lasting one is named."""
+    key = "masked/small.jpg"
+    s3.put_object(Bucket=IN, Key=key, Body=b"\xff\xd8 tiny")
+    proxy.fail(key, "forbidden", methods=("GET",))
+    assert storage.read_bytes(f"s3://{IN}/{key}") == b"\xff\xd8 tiny"
+    proxy.fail(key, "forbidden", methods=("GET",))
+    with storage.open_input(f"s3://{IN}/{key}") as f:
+        assert f.read() == b"\xff\xd8 tiny"
+    assert [(r.method, r.status) for r in proxy.for_key(key) if r.method == "GET"] == \
+        [("GET", 403), ("GET", 206), ("GET", 403), ("GET", 206)]
+    proxy.fail(key, *["forbidden"] * 2, methods=("GET",))
+    with pytest.raises(OSError, match="ACCESS_DENIED during GetObject.*HTTP 403"):
+        storage.read_bytes(f"s3://{IN}/{key}")
+
+
 def test_unreadable_objects_become_error_rows(s3, proxy, archive):
     """AccessDenied, deleted after listing, truncated: one error row each, no exception."""
     s3.put_object(Bucket=IN, Key="bad/ok.jpg", Body=(archive / "generated/portrait.png")
