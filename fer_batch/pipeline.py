@@ -7,7 +7,7 @@ predict (GPU or CPU actors) -> Parquet (staging) -> commit.
       .map_batches(FaceCropper, CPU actor pool)            # read+decode+detect+crop, one task
       .map_batches(FacePredictor, GPU/CPU actor pool)      # batched ResNet-50
       .write_datasink(StagingSink)                         # Parquet into OUT/_staging/RID
-    runs.Output.fold_segments(RID)                         # one files row per video
+    finish.deduplicate / fold_segments / track(RID)        # the staged rows become final
     runs.Output.commit(RID)                                # visible only now
 """
 
@@ -27,7 +27,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.block import BlockAccessor
 from ray.data.datasource import Datasink
 
-from fer_batch import readers, runs, segments, sink, sources, storage
+from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
@@ -188,8 +188,12 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
                               sink.file_rows_table(settled, model_id), name="listing")
         detected_on = _execute(cfg, todo, classes, spec, run_id) if todo else None
         t_proc = time.perf_counter() - t0
-        dropped = out.dedup_staged(run_id)
-        out.fold_segments(run_id)  # one files row per segmented video
+        # the end of the run (finish.py): its staged rows become final, then the commit
+        dropped = finish.deduplicate(out, run_id)
+        finish.fold_segments(out, run_id)
+        n_tracks = finish.track(out, run_id, classes, min_score=cfg.min_score,
+                                iou_threshold=cfg.track_iou_threshold,
+                                max_gap_s=cfg.track_max_gap_s, smooth_s=cfg.track_smooth_s)
         counts = _count(out, run_id)
         manifest = dict(run_id=run_id, started=started, finished=runs.now_iso(),
                         seconds=round(time.perf_counter() - t0, 3),
@@ -199,7 +203,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
                         files_already_done=len(already), duplicate_rows_dropped=dropped,
                         files_other_model=len(other_model) if not cfg.relabel else 0,
                         files_relabelled=len(other_model) if cfg.relabel else 0,
-                        detected_on=detected_on,
+                        detected_on=detected_on, tracks=n_tracks,
                         **counts)
         out.commit_or_set_aside(run_id, manifest)
         manifest.update(faces_path=f"{out.uri}/faces", files_path=f"{out.uri}/files",

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from fer_batch import decode, segments, sink, storage
-from fer_batch.config import (ANNOTATE_DEFAULTS as _D, CHANNEL_NAMES, FACE_SIZE,
+from fer_batch.config import (ANNOTATE_DEFAULTS as _D, FACE_SIZE,
                               TRAIN_DEFAULTS, DetectorSettings)
 from fer_batch.detect import load_detector
 

@@ -214,7 +214,6 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
                 n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet")
                 if n:
                     rows[table] = rows.get(table, 0) + n
-        out.write_json(f"{stage}/TRACKED.json", dict(note="compacted rows keep their track_id"))
         last = old[list(old)[-1]]
         classes = []  # every class of the models whose rows stay, first seen first
         for r in live:

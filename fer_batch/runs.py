@@ -16,8 +16,9 @@ fer-batch deletes and moves only what it wrote: names that match RUN_ID_PATTERN 
 _staging/, faces/, files/ and tracks/, and its own markers. A non-empty folder without
 the marker (or an older fer-batch layout) is refused as an output (``claim``).
 
-A run writes only into its staging folder. When every file is accounted for it
-writes READY.json, moves staging into faces/ and files/ (directory renames on
+A run writes only into its staging folder. When every file is accounted for and its
+staged rows are final (finish.py: deduplicated, segments folded, faces tracked), it
+writes READY.json, moves staging into faces/, files/ and tracks/ (directory renames on
 local disk, copies on S3) and writes the manifest last. Readers (readers.py)
 only read runs with a manifest, and for each source only the
 latest committed run that processed it. A run that died before READY leaves
@@ -35,13 +36,9 @@ import secrets
 import socket
 import time
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.dataset as pds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from fer_batch import sink, storage, tracks
+from fer_batch import storage
 
 RUN_ID_PATTERN = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")  # new_run_id(); nothing else is ours
 MARKER = "_fer-batch.json"  # written into an output folder when fer-batch first uses it
@@ -313,12 +310,12 @@ class Output:
         self.fs.create_dir(failed, recursive=True)
         moved = []
         if self.exists(self.staging(run_id)):
-            _move_dir(self.fs, self.staging(run_id), f"{failed}/staging")
+            move_dir(self.fs, self.staging(run_id), f"{failed}/staging")
             moved.append("staging")
         for table in TABLES:
             part = self.path(table, f"run_id={run_id}")
             if self.exists(part):
-                _move_dir(self.fs, part, f"{failed}/{table}")
+                move_dir(self.fs, part, f"{failed}/{table}")
                 moved.append(f"{table}/run_id={run_id}")
         self.write_json(f"{failed}/FAILED.json", dict(
             run_id=run_id, error=cause, set_aside=now_iso(), moved=moved,
@@ -329,7 +326,9 @@ class Output:
                 f"{self.uri}/_failed/{run_id} and later runs redo its files")
 
     def commit(self, run_id: str, manifest: dict) -> None:
-        """Make a fully staged run visible: READY, move partitions, manifest last. Raises
+        """Make a fully staged run visible: READY, move partitions, manifest last. Only moves
+        and writes: what the rows become was settled before (finish.py), so a commit rolled
+        forward after a crash moves the same rows. Raises
         LockedError, committing nothing, when this Output took the lock and another run has
         since taken it over (--break-lock): that run may have discarded our staging."""
         if self.lock_owner is not None and not self.holds_lock():
@@ -342,13 +341,12 @@ class Output:
         ready = f"{stage}/READY.json"
         if not self.exists(ready):
             self.write_json(ready, manifest)
-        self.track_staged(run_id, manifest)
         for table in ("faces", "files", "tracks"):
             src, dst = f"{stage}/{table}", self.path(table, f"run_id={run_id}")
             if not self.exists(src):
                 continue
             self.fs.create_dir(self.path(table), recursive=True)
-            _move_dir(self.fs, src, dst)
+            move_dir(self.fs, src, dst)
         self.write_json(self.path("_runs", f"{run_id}.json"), dict(manifest, state="committed",
                                                                     committed=now_iso()))
         self.fs.delete_dir(stage)
@@ -367,104 +365,8 @@ class Output:
                 raise e from None
             raise CommitError(f"{line}. Fix the cause and run the same command again.") from e
 
-    def track_staged(self, run_id: str, manifest: dict) -> None:
-        """Link the staged faces into tracks (tracks.assign_tracks): rewrite staged faces with
-        track_id and stage the tracks table. Safe to redo when a commit is rolled forward:
-        TRACKED.json marks the tracking done; faces.tracked/ then replaces faces/."""
-        stage = self.staging(run_id)
-        faces, tracked = f"{stage}/faces", f"{stage}/faces.tracked"
-        marker = f"{stage}/TRACKED.json"
-        if self.exists(faces) and not self.exists(marker):
-            cfg = manifest.get("config") or {}
-            ds = pds.dataset(faces, filesystem=self.fs, format="parquet")
-            classes = [c for c in manifest["classes"] if c in ds.schema.names]
-            narrow = ds.to_table(columns=[*sink.FACE_KEY, "timestamp_s", "x", "y", "w", "h",
-                                          "model_id", *classes])  # no crops: stays small
-            ids, tracks_tbl = tracks.assign_tracks(
-                narrow, classes, min_score=cfg.get("min_score", 0.0),
-                iou_threshold=cfg.get("track_iou_threshold", tracks.IOU_THRESHOLD),
-                max_gap_s=cfg.get("track_max_gap_s", tracks.MAX_GAP_S),
-                smooth_s=cfg.get("track_smooth_s", tracks.SMOOTH_S))
-            ids = ids.select([*sink.FACE_KEY, "track_id"])
-            if self.exists(tracked):
-                self.fs.delete_dir(tracked)
-            self.fs.create_dir(tracked, recursive=True)
-            for path in ds.files:  # one part at a time: crops of one part in memory
-                part = pq.read_table(path, filesystem=self.fs)
-                names = part.column_names
-                names.insert(names.index("face_index") + 1, "track_id")
-                part = part.join(ids, keys=list(sink.FACE_KEY), join_type="left outer")
-                part = part.select(names)
-                pq.write_table(part, f"{tracked}/{path.rsplit('/', 1)[1]}", filesystem=self.fs,
-                               compression="zstd")
-            self.fs.create_dir(f"{stage}/tracks", recursive=True)
-            pq.write_table(tracks_tbl, f"{stage}/tracks/part-tracks.parquet", filesystem=self.fs,
-                           compression="zstd")
-            self.write_json(marker, dict(tracks=tracks_tbl.num_rows))
-        if self.exists(tracked):  # swap: a crash in between leaves tracked/ to redo it from
-            if self.exists(faces):
-                self.fs.delete_dir(faces)
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                self.fs.move(tracked, faces)
-            else:
-                self.fs.create_dir(faces, recursive=True)
-                for info in self.fs.get_file_info(pafs.FileSelector(tracked)):
-                    self.fs.copy_file(info.path, f"{faces}/{info.base_name}")
-                self.fs.delete_dir(tracked)
 
-    def fold_segments(self, run_id: str) -> int:
-        """One files row per segmented video (segments.fold_rows): the staged segment rows,
-        deduplicated first, become files rows; staging/segments goes. Before READY, like
-        dedup_staged: a run that dies here is redone. Returns the videos folded."""
-        from fer_batch import segments  # PyAV: only where segments were staged
-        d = f"{self.staging(run_id)}/segments"
-        if not self.exists(d):
-            return 0
-        rows = pds.dataset(d, filesystem=self.fs, format="parquet",
-                           schema=sink.SEGMENT_SCHEMA).to_table()
-        folded = segments.fold_rows(rows)
-        sink.write_tables(self.fs, self.staging(run_id), sink.FILE_SCHEMA.empty_table(),
-                          folded, name="segments")
-        self.fs.delete_dir(d)
-        return folded.num_rows
-
-    def dedup_staged(self, run_id: str) -> int:
-        """Drop rows written twice by retried Ray tasks (same key). Returns rows dropped.
-        Memory: the key columns of the table, and one staged file at a time."""
-        dropped = 0
-        for table, key in (("faces", sink.FACE_KEY), ("files", sink.FILE_KEY),
-                           ("segments", sink.SEGMENT_KEY)):
-            d = f"{self.staging(run_id)}/{table}"
-            if not self.exists(d):
-                continue
-            ds = pds.dataset(d, filesystem=self.fs, format="parquet")
-            frags = list(ds.get_fragments())
-            keys = pa.concat_tables([f.to_table(columns=list(key)) for f in frags])
-            if keys.num_rows == 0:
-                continue
-            keys = keys.append_column("_i", pa.array(np.arange(keys.num_rows)))
-            first = keys.group_by(list(key)).aggregate([("_i", "min")])["_i_min"]
-            if len(first) == keys.num_rows:
-                continue
-            keep = np.zeros(keys.num_rows, bool)
-            keep[first.to_numpy()] = True
-            start = 0
-            for i, frag in enumerate(frags):
-                part = frag.to_table()
-                mask = keep[start:start + part.num_rows]
-                start += part.num_rows
-                if mask.all():
-                    continue
-                dropped += int((~mask).sum())
-                if mask.any():  # the kept rows first, then the old file goes
-                    pq.write_table(part.filter(pa.array(mask)),
-                                   f"{d}/part-dedup-{i:06d}.parquet", filesystem=self.fs,
-                                   compression="zstd")
-                self.fs.delete_file(frag.path)
-        return dropped
-
-
-def _move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     """Move folder src to dst: one rename on local disk when dst is new (atomic), else
     copy the files (S3 has no rename) and delete src."""
     if isinstance(fs, pafs.LocalFileSystem) and fs.get_file_info(dst).type == \

@@ -1,4 +1,4 @@
-"""The Parquet schemas of OUT/faces and OUT/files, and the split of the row stream into them.
+"""The Parquet schemas of OUT/faces, OUT/files and OUT/tracks, and the split of the row stream into them.
 
 The pipeline carries face rows (kind == "face") and file rows (kind == "file")
 in one Ray dataset, so each file's status travels with its faces. ``split_batch``
@@ -36,8 +36,25 @@ FILE_KEY = ("source",)  # unique per run
 SEGMENT_SCHEMA = pa.schema(list(FILE_SCHEMA) + [("segment", pa.int32()),
                                                 ("segments", pa.int32())])
 SEGMENT_KEY = ("source", "segment")  # unique per run
+SEGMENT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
+                                   ("label", pa.string())]))
+TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before one float32 mean per class
+    ("source", pa.string()), ("track_id", pa.int32()), ("start_s", pa.float64()),
+    ("end_s", pa.float64()), ("first_frame_index", pa.int64()), ("last_frame_index", pa.int64()),
+    ("faces", pa.int32()), ("dominant_label", pa.string()),
+)
+TRACK_TAIL = (("segments", SEGMENT_TYPE), ("model_id", pa.string()))  # after the class columns
 STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
 UNCERTAIN = "uncertain"  # the label below --min-score (infer and tracks use this one)
+
+
+def tracks_schema(classes) -> pa.Schema:
+    """OUT/tracks schema for a model with these classes (run_id is the hive partition)."""
+    clash = set(classes) & {n for n, _ in TRACK_COLUMNS + TRACK_TAIL}
+    if clash:
+        raise ValueError(f"class names {sorted(clash)} clash with tracks column names")
+    return pa.schema(list(TRACK_COLUMNS) + [(c, pa.float32()) for c in classes]
+                     + list(TRACK_TAIL))
 
 
 class ClassNameError(ValueError):
@@ -47,8 +64,7 @@ class ClassNameError(ValueError):
 def reserved_names() -> frozenset:
     """Every name a class must not take: the columns of OUT/faces, OUT/files and OUT/tracks
     (and their partition run_id), the stream's own columns, and the label 'uncertain'."""
-    from fer_batch import tracks  # numpy + pyarrow only
-    names = [n for n, _ in FACE_COLUMNS + FACE_TAIL + tracks.TRACK_COLUMNS + tracks.TRACK_TAIL]
+    names = [n for n, _ in FACE_COLUMNS + FACE_TAIL + TRACK_COLUMNS + TRACK_TAIL]
     names += [*FILE_SCHEMA.names, *STREAM_COLUMNS, "track_id", "run_id", UNCERTAIN]
     return frozenset(names)
 

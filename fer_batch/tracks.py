@@ -3,8 +3,9 @@ expression probabilities over time and cut it into labelled segments.
 
 Pure functions on pyarrow tables and numpy arrays: no Ray, no I/O. Tracking runs
 after inference, on a run's staged faces, so that a video split into segments is
-tracked across their borders: ``runs.Output.commit`` calls ``assign_tracks`` and
-stages the result (faces gain ``track_id``; a ``tracks`` table is written).
+tracked across their borders: ``finish.track`` (a step of ``pipeline.run`` before the
+commit) calls ``assign_tracks`` and stages the result (faces gain ``track_id``; a ``tracks``
+table is written, schema ``sink.tracks_schema``).
 
 Association, per source, frame by frame in frame_index order (no identity model):
 
@@ -28,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fer_batch.config import ANNOTATE_DEFAULTS
-from fer_batch.sink import top_labels
+from fer_batch.sink import top_labels, tracks_schema
 
 IOU_THRESHOLD = ANNOTATE_DEFAULTS.track_iou_threshold  # SORT's 0.3 (Bewley et al. 2016)
 MAX_GAP_S = ANNOTATE_DEFAULTS.track_max_gap_s  # 3 missed frames at the default 2 fps
@@ -37,25 +38,6 @@ MAX_CENTER_SHIFT = 0.5  # centroid fallback: centre distance / face side of a ma
 # 1.0 merged different passers-by on the street clip at 2 fps (checked on the crops), 0.5 did not
 MAX_SIZE_RATIO = 1.5  # centroid fallback: larger / smaller face side of a match, at most
 TIME_EPS = 1e-6  # seconds; container timestamps are not exact multiples of 1/fps
-SEGMENT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
-                                   ("label", pa.string())]))
-TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before one float32 mean per class
-    ("source", pa.string()), ("track_id", pa.int32()), ("start_s", pa.float64()),
-    ("end_s", pa.float64()), ("first_frame_index", pa.int64()), ("last_frame_index", pa.int64()),
-    ("faces", pa.int32()), ("dominant_label", pa.string()),
-)
-TRACK_TAIL = (("segments", SEGMENT_TYPE), ("model_id", pa.string()))  # after the class columns
-
-
-def tracks_schema(classes) -> pa.Schema:
-    """OUT/tracks schema for a model with these classes (run_id is the hive partition)."""
-    clash = set(classes) & {n for n, _ in TRACK_COLUMNS + TRACK_TAIL}
-    if clash:
-        raise ValueError(f"class names {sorted(clash)} clash with tracks column names")
-    return pa.schema(list(TRACK_COLUMNS) + [(c, pa.float32()) for c in classes]
-                     + list(TRACK_TAIL))
-
-
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU. a: shape = (n, 4), b: shape = (m, 4), float x, y, w, h -> (n, m) float64."""
     a, b = np.asarray(a, np.float64)[:, None, :], np.asarray(b, np.float64)[None, :, :]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from fer_batch import cli, model as M
+from fer_batch import cli, finish, model as M
 
 
 # --- 8. checkpoint metadata is validated -------------------------------------------------
@@ -160,6 +160,7 @@ def committed_output(root: Path, classes, sources_: list[str], rid: str):
     out.claim()
     for src in sources_:
         manifest = stage_faces(out, rid, classes, src)
+    finish.track(out, rid, classes)  # as pipeline.run: tracked, then committed
     out.commit(rid, manifest)
     return out
 
@@ -307,6 +308,7 @@ def test_readers_see_one_snapshot_when_a_commit_lands_mid_read(tmp_path, table):
     before = read(str(root)).num_rows
     assert before > 0
     second = stage_faces(plain, RID2, ["calm", "joy"], "/data/v.mp4")  # v.mp4 redone tonight
+    finish.track(plain, RID2, ["calm", "joy"])
     hooked = runs.Output(str(root))
     hooked.fs = _commit_after_listing(lambda: plain.commit(RID2, second))
     snap = read(hooked)  # listed before RID2 committed: RID1's rows, not none

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from conftest import shared
-from fer_batch import cli, readers, report, runs, sink, tracks
+from fer_batch import cli, finish, readers, report, runs, sink
 
 JAFFE = ("anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise")
 VIDEO = ("videos", "intel_head-pose-face-detection-male.mp4")  # 5 s, one man, 13/13 frames
@@ -82,7 +82,7 @@ def test_faces_get_track_ids_and_tracks_keep_the_neutral_class(annotated):
     assert set(trk["source"].to_pylist()) == set(video["source"].to_pylist())
     assert sum(trk["faces"].to_pylist()) == video.num_rows
     assert sorted(set(video["track_id"].to_pylist())) == trk["track_id"].to_pylist()
-    assert trk.schema.names[:8] == [n for n, _ in tracks.TRACK_COLUMNS]
+    assert trk.schema.names[:8] == [n for n, _ in sink.TRACK_COLUMNS]
     for c in JAFFE:  # mean probability per class: the faces' mean
         for tid, mean in zip(trk["track_id"].to_pylist(), trk[c].to_pylist()):
             sel = video.filter(pc.equal(video["track_id"], tid))
@@ -179,13 +179,14 @@ def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed
 
 def _commit_run(out, rid: str, items) -> None:
     """Stage items (source, media_type, frames, faces per frame, seed) as run rid and commit
-    it through the real commit (which tracks the videos)."""
+    it as pipeline.run does: the videos tracked (finish.track), then the real commit."""
     for source, media_type, frames, per_frame, seed in items:
         files = sink.file_rows_table([dict(uri=source, media_type=media_type, status="ok",
                                            size_bytes=10, mtime_ns=seed)], "m")
         sink.write_tables(out.fs, out.staging(rid),
                           _faces_table(source, media_type, frames, per_frame, seed), files,
                           name=f"{seed:04d}")
+    finish.track(out, rid, CLASSES, min_score=0.5)
     out.commit(rid, dict(run_id=rid, classes=list(CLASSES), model_id="m",
                          config=dict(min_score=0.5)))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fer_batch import readers, runs, sink
+from fer_batch import finish, readers, runs, sink
 
 
 def _files(sources, seconds) -> pa.Table:
@@ -32,12 +32,12 @@ def test_dedup_keeps_first_rows_and_rewrites_only_files_with_duplicates(tmp_path
     untouched = Path(stage) / "files" / "part-p1.parquet"
     mtime = untouched.stat().st_mtime_ns
 
-    assert out.dedup_staged("r1") == 2
+    assert finish.deduplicate(out, "r1") == 2
     got = pq.read_table(f"{stage}/files").to_pydict()
     assert sorted(zip(got["source"], got["seconds"])) == [("a", 1), ("b", 2), ("c", 3),
                                                           ("d", 4)]
     assert untouched.stat().st_mtime_ns == mtime
-    assert out.dedup_staged("r1") == 0  # idempotent
+    assert finish.deduplicate(out, "r1") == 0  # idempotent
 
 
 def test_copy_latest_streams_batches_into_one_file(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 import corpus
 import fer_batch
-from fer_batch import cli, readers, runs, sink, sources, storage, tracks
+from fer_batch import cli, finish, readers, runs, sink, sources, storage
 from fer_batch.config import AnnotateConfig
 
 RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
@@ -51,6 +51,7 @@ def stage_run(out: runs.Output, rid: str, classes, source: str = "v.mp4") -> dic
     files = sink.file_rows_table([dict(uri=source, media_type="video", status="ok",
                                        size_bytes=10, mtime_ns=5)], "m")
     sink.write_tables(out.fs, out.staging(rid), faces, files, name="0")
+    finish.track(out, rid, classes)  # as pipeline.run: tracked before the commit
     return dict(run_id=rid, classes=list(classes), config={})
 
 
@@ -164,7 +165,7 @@ def test_output_folder_inside_a_source_is_left_out_of_the_listing(tmp_path):
 
 def all_column_names() -> set:
     return ({*sink.face_schema(["c"]).names, *sink.FILE_SCHEMA.names,
-             *tracks.tracks_schema(["c"]).names, "track_id", "run_id"} - {"c"})
+             *sink.tracks_schema(["c"]).names, "track_id", "run_id"} - {"c"})
 
 
 def test_every_column_name_and_uncertain_is_refused_as_a_class_name():
@@ -213,32 +214,93 @@ def test_annotate_refuses_a_checkpoint_whose_class_clashes_before_any_work(
     assert not out.exists()  # refused before anything was written
 
 
+def disk_full_for(*run_ids):
+    """The local disk, on which writing a file of these runs into faces/ fails with ENOSPC:
+    a disk that fills up while a commit copies its rows (the copy path, as on S3)."""
+    import errno
+
+    import pyarrow.fs as pafs
+    disk = pafs.LocalFileSystem()
+
+    class Handler(pafs.FileSystemHandler):
+        def copy_file(self, src, dest):
+            if any(f"/faces/run_id={r}/" in dest for r in run_ids):
+                raise OSError(errno.ENOSPC, "No space left on device", dest)
+            disk.copy_file(src, dest)
+
+        def get_type_name(self):
+            return "disk-full"
+
+        def normalize_path(self, path):
+            return path
+
+        def get_file_info(self, paths):
+            return disk.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return disk.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            disk.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            disk.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            disk.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise OSError("not in these tests")
+
+        def delete_file(self, path):
+            disk.delete_file(path)
+
+        def move(self, src, dest):
+            disk.move(src, dest)
+
+        def open_input_stream(self, path):
+            return disk.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return disk.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            return disk.open_output_stream(path, metadata=metadata)
+
+        def open_append_stream(self, path, metadata):
+            return disk.open_append_stream(path, metadata=metadata)
+
+    return pafs.PyFileSystem(Handler())
+
+
 def test_a_commit_that_cannot_complete_is_set_aside_not_retried_forever(tmp_path):
     root = tmp_path / "out"
+    own = "20260105T000000Z-eeeeee"  # a run's own commit that fails: set aside, then raised
     out = runs.Output(str(root))
-    classes = [*corpus_classes()[:6], "faces"]  # what an older fer-batch let through
+    out.fs = disk_full_for(RID_STUCK, own)
+    classes = corpus_classes()
     out.write_json(f"{out.staging(RID_STUCK)}/READY.json",
                    stage_run(out, RID_STUCK, classes, "stuck.mp4"))
 
     done = out.recover()
 
     assert len(done) == 1 and done[0].startswith(f"set aside run {RID_STUCK}: its commit "
-                                                 "failed (ValueError: class names ['faces']")
+                                                 "failed (OSError: [Errno 28] No space left")
     failed = root / "_failed" / RID_STUCK
     info = json.loads((failed / "FAILED.json").read_text())
-    assert info["run_id"] == RID_STUCK and "clash" in info["error"]
+    assert info["run_id"] == RID_STUCK and "No space left on device" in info["error"]
     assert (failed / "staging" / "READY.json").exists()  # its rows are kept
     assert list((failed / "staging" / "faces").glob("*.parquet"))
     assert not (root / "_staging" / RID_STUCK).exists()
+    assert not (root / "faces" / f"run_id={RID_STUCK}").exists()  # a half copy went too
     assert out.recover() == []  # the next night is not held up by it
     assert out.committed_runs() == {} and fer_batch.read_faces(str(root)) is None
-    own = "20260105T000000Z-eeeeee"  # a run's own commit that fails: set aside, then raised
     with pytest.raises(runs.CommitError, match=rf"set aside run {own}: .*_failed/{own}"):
         out.commit_or_set_aside(own, stage_run(out, own, classes, "own.mp4"))
     assert (root / "_failed" / own / "FAILED.json").exists()
     assert not (root / "_staging" / own).exists() and out.recover() == []
     good = "20260104T000000Z-dddddd"  # and a good run still commits
-    out.commit_or_set_aside(good, stage_run(out, good, corpus_classes(), "good.mp4"))
+    out.commit_or_set_aside(good, stage_run(out, good, classes, "good.mp4"))
     assert fer_batch.read_files(str(root), as_pandas=True)["source"].tolist() == ["good.mp4"]
 
 

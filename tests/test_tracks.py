@@ -199,9 +199,9 @@ def test_empty_faces_and_clashing_class_names():
     faces = faces_table([])
     out, trk = tracks.assign_tracks(faces, JAFFE)
     assert out.num_rows == 0 and "track_id" in out.column_names
-    assert trk.schema == tracks.tracks_schema(JAFFE) and trk.num_rows == 0
+    assert trk.schema == sink.tracks_schema(JAFFE) and trk.num_rows == 0
     with pytest.raises(ValueError, match="segments"):
-        tracks.tracks_schema(("happy", "segments"))
+        sink.tracks_schema(("happy", "segments"))
 
 
 def test_uncertain_label_has_one_definition():
@@ -211,10 +211,10 @@ def test_uncertain_label_has_one_definition():
     assert labels.tolist() == ["b", sink.UNCERTAIN] and scores.tolist() == pytest.approx([0.8, 0.55])
 
 
-def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
-    # the real commit protocol on real Parquet: two staged parts, a stale half-written
-    # faces.tracked/ from a commit that died before TRACKED.json, then roll-forward
-    from fer_batch import readers, runs, sink
+def _staged_run(out, rid: str):
+    """Two staged parts of faces (two tracks of one video, one image face) and the files rows,
+    as the sink writes them; returns (rows, faces table)."""
+    from fer_batch import sink
     a = moving("v.mp4", (50, 100), (20, 0), range(8), missing={3})
     b = moving("v.mp4", (600, 120), (-15, 5), range(8))
     rows = with_face_index(sorted(a + b, key=lambda r: r["frame"]))
@@ -224,14 +224,21 @@ def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
     files = sink.file_rows_table([dict(uri=u, media_type=m, status="ok", size_bytes=1,
                                        mtime_ns=1) for u, m in (("v.mp4", "video"),
                                                                 ("p.jpg", "image"))], "m0")
-    out = runs.Output(str(tmp_path / "out"))
-    rid, stage = "20260101T000000Z-abcdef", out.staging("20260101T000000Z-abcdef")
+    stage = out.staging(rid)
     sink.write_tables(out.fs, stage, faces.slice(0, 7), files, name="a")
     sink.write_tables(out.fs, stage, faces.slice(7), sink.FILE_SCHEMA.empty_table(), name="b")
-    manifest = dict(run_id=rid, classes=list(JAFFE), config=dict(min_score=0.0))
-    out.write_json(f"{stage}/READY.json", manifest)
-    (Path(stage) / "faces.tracked").mkdir()
-    (Path(stage) / "faces.tracked" / "part-a.parquet").write_bytes(b"half a file")
+    return rows, faces
+
+
+def test_tracking_before_ready_and_a_roll_forward_moves_the_tracked_rows(tmp_path):
+    # the real end of a run on real Parquet: finish.track rewrites the staged faces and stages
+    # the tracks; the run dies after READY; the next run's recovery commits the same rows
+    from fer_batch import finish, readers, runs
+    out = runs.Output(str(tmp_path / "out"))
+    rid = "20260101T000000Z-abcdef"
+    rows, faces = _staged_run(out, rid)
+    assert finish.track(out, rid, JAFFE, min_score=0.0) == 2
+    out.write_json(f"{out.staging(rid)}/READY.json", dict(run_id=rid, classes=list(JAFFE)))
 
     assert out.recover() == [f"rolled forward the commit of run {rid}"]
     got = readers.read_faces(out.uri)
@@ -244,12 +251,27 @@ def test_commit_tracks_staged_faces_and_redoes_after_a_crash(tmp_path):
     assert sorted(got["crop_png"].to_pylist()) == sorted(faces["crop_png"].to_pylist())
     trk = readers.read_tracks(out.uri)
     assert trk["faces"].to_pylist() == [7, 8] and trk["run_id"].to_pylist() == [rid, rid]
-    assert not Path(stage).exists() and (tmp_path / "out" / "tracks" / f"run_id={rid}").is_dir()
+    stage = Path(out.staging(rid))
+    assert not stage.exists() and (tmp_path / "out" / "tracks" / f"run_id={rid}").is_dir()
+
+
+def test_a_run_that_dies_while_tracking_is_discarded_and_its_files_redone(tmp_path):
+    # no READY yet: a half-written faces.tracked/ is a dead run's staging, which recovery
+    # deletes; nothing of it becomes visible, and the next run does its files again
+    from fer_batch import readers, runs
+    out = runs.Output(str(tmp_path / "out"))
+    rid = "20260101T000000Z-abcdef"
+    _staged_run(out, rid)
+    (Path(out.staging(rid)) / "faces.tracked").mkdir()
+    (Path(out.staging(rid)) / "faces.tracked" / "part-a.parquet").write_bytes(b"half a file")
+    assert out.recover() == [f"discarded staging of unfinished run {rid}"]
+    assert not Path(out.staging(rid)).exists()
+    assert readers.read_faces(out.uri) is None  # no committed run: nothing to read
 
 
 def test_compact_keeps_tracks_and_track_ids(tmp_path):
     # tracks carry a list column (segments), which Arrow's hash join cannot carry
-    from fer_batch import readers, runs, sink
+    from fer_batch import finish, readers, runs, sink
     out = runs.Output(str(tmp_path / "out"))
     for rid, src in (("20260101T000000Z-aaaaaa", "v.mp4"), ("20260102T000000Z-bbbbbb", "w.mp4")):
         faces = faces_table(with_face_index(moving(src, (50, 100), (20, 0), range(5))))
@@ -257,6 +279,7 @@ def test_compact_keeps_tracks_and_track_ids(tmp_path):
         files = sink.file_rows_table([dict(uri=src, media_type="video", status="ok",
                                            size_bytes=1, mtime_ns=1)], "m0")
         sink.write_tables(out.fs, out.staging(rid), faces, files, name="a")
+        finish.track(out, rid, JAFFE)
         out.commit(rid, dict(run_id=rid, classes=list(JAFFE), config={}))
     before = readers.read_tracks(out.uri).drop_columns(["run_id"])
     assert "compacted 2 runs" in readers.compact(out.uri)
