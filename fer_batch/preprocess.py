@@ -125,37 +125,32 @@ def face_rows(uri: str, media_type: str, found: list, channels=CHANNELS,
         "w": m[:, 5].astype(np.int32), "h": m[:, 6].astype(np.int32),
         "face": np.concatenate(faces) if faces else np.zeros((0, len(channels), size, size),
                                                               np.uint8),
-        # file-row columns, empty on face rows: both kinds share one schema in the stream
-        "status": np.full(n, "", object), "error": np.full(n, "", object),
-        "size_bytes": np.zeros(n, np.int64), "mtime_ns": np.zeros(n, np.int64),
+        **sink.stream_file_columns(n),  # empty on face rows: one schema in the stream
     }
 
 
 def file_row(entry: dict, *, status: str, error: str | None, frames: int, faces: int,
              seconds: float, face_size: int, channels) -> dict:
-    """One files-table row in the same columns as face rows (kind='file'), so both flow
-    through one Ray dataset; the sink splits them. For a segment of a long video
-    (entry["segment"], segments.py) a partial row: kind='segment', x = its index, y = the
-    segment count, its error prefixed with the segment's time range."""
+    """One files-table row (kind='file') in the columns of the row stream, so it flows
+    through one Ray dataset with its faces; the sink splits them. It fills the stream's
+    file columns (sink.STREAM_FILE_COLUMNS) and leaves the face columns empty. For a segment
+    of a long video (entry["segment"], segments.py) a partial row: kind='segment', with the
+    segment's index and the segment count, its error prefixed with the segment's time range."""
     seg = entry.get("segment")
     if seg is not None and error:
         error = f"{segments.describe(seg)}: {error}"
-    return {
-        "kind": np.array(["file" if seg is None else "segment"], object),
-        "source": np.array([entry["uri"]], object),
-        "media_type": np.array([entry["media_type"]], object),
-        "frame_index": np.array([frames], np.int64),  # frames decoded, for file rows
-        "timestamp_s": np.array([seconds]),  # processing seconds, for file rows
-        "face_index": np.array([faces], np.int32),  # faces found, for file rows
-        "x": np.array([seg["index"] if seg else 0], np.int32),
-        "y": np.array([seg["count"] if seg else 0], np.int32),
-        "w": np.zeros(1, np.int32), "h": np.zeros(1, np.int32),
-        "face": np.zeros((1, len(channels), face_size, face_size), np.uint8),
-        "status": np.array([status], object),
-        "error": np.array([error or ""], object),
-        "size_bytes": np.array([entry.get("size_bytes") or 0], np.int64),
-        "mtime_ns": np.array([entry.get("mtime_ns") or 0], np.int64),
-    }
+    row = dict(kind=np.array(["file" if seg is None else "segment"], object),
+               source=np.array([entry["uri"]], object),
+               media_type=np.array([entry["media_type"]], object),
+               face=np.zeros((1, len(channels), face_size, face_size), np.uint8),
+               **{name: np.zeros(1, dtype) for name, dtype in sink.STREAM_FACE_COLUMNS})
+    row["timestamp_s"][:] = np.nan
+    values = dict(status=status, error=error or "", size_bytes=entry.get("size_bytes") or 0,
+                  mtime_ns=entry.get("mtime_ns") or 0, frames_decoded=frames, faces=faces,
+                  seconds=seconds, segment=seg["index"] if seg else 0,
+                  segments=seg["count"] if seg else 0)
+    return dict(row, **{name: np.array([values[name]], dtype)
+                        for name, dtype in sink.STREAM_FILE_COLUMNS})
 
 
 def test_hooks(uri: str) -> None:
@@ -226,11 +221,11 @@ class FaceCropper:
                     held.append(out)
                 else:  # videos stream out every FRAMES_PER_YIELD frames: bounded memory
                     yield out
-            if self.attempts is not None:  # file row: frame_index = frames, face_index = faces
+            if self.attempts is not None:  # out ends with the file row
                 seg = entry.get("segment")
                 self.attempts.finish(segments.attempt_key(entry),
-                                     frames=int(out["frame_index"][-1]),
-                                     faces=int(out["face_index"][-1]),
+                                     frames=int(out["frames_decoded"][-1]),
+                                     faces=int(out["faces"][-1]),
                                      files=1 / seg["count"] if seg else 1)
         if held:
             yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}

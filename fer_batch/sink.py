@@ -32,7 +32,7 @@ FILE_SCHEMA = pa.schema([
 FACE_KEY = ("source", "frame_index", "face_index")  # unique per run
 FILE_KEY = ("source",)  # unique per run
 # staged only: the partial files rows of a long video's segments (segments.py), folded into
-# one files row per video before the commit; in the stream, segment rows carry x, y
+# one files row per video before the commit (finish.fold_segments)
 SEGMENT_SCHEMA = pa.schema(list(FILE_SCHEMA) + [("segment", pa.int32()),
                                                 ("segments", pa.int32())])
 SEGMENT_KEY = ("source", "segment")  # unique per run
@@ -45,6 +45,18 @@ TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before one float32 mean per cl
 )
 TRACK_TAIL = (("segments", SEGMENT_TYPE), ("model_id", pa.string()))  # after the class columns
 STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
+# The row stream carries face rows (kind "face") and file rows (kind "file", or "segment"
+# for a part of a long video) in one schema: the face columns (frame_index ... h), which
+# file rows leave empty, and these file columns, which face rows leave empty.
+STREAM_FACE_COLUMNS = (
+    ("frame_index", np.int64), ("timestamp_s", np.float64), ("face_index", np.int32),
+    ("x", np.int32), ("y", np.int32), ("w", np.int32), ("h", np.int32),
+)
+STREAM_FILE_COLUMNS = (
+    ("status", object), ("error", object), ("size_bytes", np.int64), ("mtime_ns", np.int64),
+    ("frames_decoded", np.int64), ("faces", np.int32), ("seconds", np.float64),
+    ("segment", np.int32), ("segments", np.int32),
+)
 UNCERTAIN = "uncertain"  # the label below --min-score (infer and tracks use this one)
 
 
@@ -65,7 +77,7 @@ def reserved_names() -> frozenset:
     """Every name a class must not take: the columns of OUT/faces, OUT/files and OUT/tracks
     (and their partition run_id), the stream's own columns, and the label 'uncertain'."""
     names = [n for n, _ in FACE_COLUMNS + FACE_TAIL + TRACK_COLUMNS + TRACK_TAIL]
-    names += [*FILE_SCHEMA.names, *STREAM_COLUMNS, "track_id", "run_id", UNCERTAIN]
+    names += [*SEGMENT_SCHEMA.names, *STREAM_COLUMNS, "track_id", "run_id", UNCERTAIN]
     return frozenset(names)
 
 
@@ -129,6 +141,12 @@ def encode_crops(faces: np.ndarray) -> list[bytes]:
     return [cv2.imencode(".png", f[0])[1].tobytes() for f in faces]
 
 
+def stream_file_columns(n: int) -> dict:
+    """The stream's file columns of n face rows: empty (STREAM_FILE_COLUMNS)."""
+    return {name: np.full(n, "", object) if dtype is object else np.zeros(n, dtype)
+            for name, dtype in STREAM_FILE_COLUMNS}
+
+
 def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
     """(faces table, files table) from a batch of the row stream (column -> np.ndarray)."""
     kind = np.asarray(batch["kind"])
@@ -152,8 +170,8 @@ def segment_table(batch: dict) -> pa.Table:
     """The segment rows (kind == 'segment') of a batch of the row stream, SEGMENT_SCHEMA."""
     r = np.asarray(batch["kind"]) == "segment"
     tbl = files_table(batch, r)
-    return tbl.append_column("segment", pa.array(np.asarray(batch["x"])[r], pa.int32())) \
-        .append_column("segments", pa.array(np.asarray(batch["y"])[r], pa.int32()))
+    return tbl.append_column("segment", pa.array(np.asarray(batch["segment"])[r], pa.int32())) \
+        .append_column("segments", pa.array(np.asarray(batch["segments"])[r], pa.int32()))
 
 
 def files_table(batch: dict, r: np.ndarray) -> pa.Table:
@@ -163,8 +181,8 @@ def files_table(batch: dict, r: np.ndarray) -> pa.Table:
         "status": batch["status"][r],
         "error": [safe_text(e) or None for e in batch["error"][r]],
         "size_bytes": batch["size_bytes"][r], "mtime_ns": batch["mtime_ns"][r],
-        "frames_decoded": batch["frame_index"][r],  # file rows carry counts in these columns
-        "faces": batch["face_index"][r], "seconds": batch["timestamp_s"][r],
+        "frames_decoded": batch["frames_decoded"][r], "faces": batch["faces"][r],
+        "seconds": batch["seconds"][r],
         "model_id": batch["model_id"][r],
     }
     return pa.table({n: pa.array(np.asarray(files[n]) if n not in ("error", "source")

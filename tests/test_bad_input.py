@@ -185,7 +185,7 @@ def test_long_video_streams_in_bounded_memory(tmp_path):
         def run(path):
             rows = list(fc.process(dict(uri=path, media_type="video", size_bytes=0,
                                         mtime_ns=0)))
-            return rows[-1]["status"][0], int(rows[-1]["frame_index"][0])
+            return rows[-1]["status"][0], int(rows[-1]["frames_decoded"][0])
         result["short"] = run({str(short)!r})
         base = peak()
         result["long"] = run({str(long)!r})

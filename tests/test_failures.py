@@ -201,7 +201,7 @@ def test_out_of_memory_in_one_task_fails_that_file_not_the_worker(tmp_path):
             e = dict(uri={str(tmp_path)!r} + "/" + name, media_type=kind, size_bytes=0,
                      mtime_ns=0)
             row = list(fc.process(e))[-1]
-            out[name] = [row["status"][0], row["error"][0], int(row["face_index"][0])]
+            out[name] = [row["status"][0], row["error"][0], int(row["faces"][0])]
         print(json.dumps(out))
     """)
     # one malloc arena: glibc otherwise reserves 64 MB of address space per arena for new

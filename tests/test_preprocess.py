@@ -55,5 +55,5 @@ def test_face_cropper_emits_faces_then_exactly_one_file_row(tmp_path):
     kinds = [k for b in out for k in b["kind"]]
     assert kinds.count("file") == 1 and kinds[-1] == "file"
     assert kinds.count("face") >= 1
-    assert out[-1]["status"][0] == "ok" and out[-1]["face_index"][0] == kinds.count("face")
+    assert out[-1]["status"][0] == "ok" and out[-1]["faces"][0] == kinds.count("face")
     assert out[0]["face"].shape[1:] == (1, 48, 48)

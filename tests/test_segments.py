@@ -124,7 +124,8 @@ def test_a_segment_has_its_own_tries_and_a_partial_row_naming_it():
     assert segments.attempt_key(part) == "a.mp4#segment=1"
     row = preprocess.file_row(part, status="error", error="video stream damaged", frames=30,
                               faces=2, seconds=1.0, face_size=48, channels=("equalized",))
-    assert (row["kind"][0], row["x"][0], row["y"][0]) == ("segment", 1, 3)
+    assert (row["kind"][0], row["segment"][0], row["segments"][0]) == ("segment", 1, 3)
+    assert (row["frames_decoded"][0], row["faces"][0], row["frame_index"][0]) == (30, 2, 0)
     assert row["error"][0] == "segment 2 of 3 (3-6 s): video stream damaged"
     batch = {k: np.concatenate([v, v]) for k, v in row.items()}
     batch["kind"][0] = "file"  # a file row and a segment row in one stream batch
