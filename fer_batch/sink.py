@@ -1,4 +1,5 @@
-"""The Parquet schemas of OUT/faces, OUT/files and OUT/tracks, and the split of the row stream into them.
+"""The Parquet schemas of OUT/faces, OUT/files and OUT/tracks, and the split of the row
+stream into them.
 
 The pipeline carries face rows (kind == "face") and file rows (kind == "file")
 in one Ray dataset, so each file's status travels with its faces. ``split_batch``
