@@ -14,12 +14,8 @@ neither probing nor decoding allocates an oversized frame.
 
 from __future__ import annotations
 
-import collections
 import errno
-import heapq
-import math
 import re
-import struct
 from fractions import Fraction
 from typing import Iterator
 
@@ -29,186 +25,18 @@ import cv2
 import numpy as np
 
 from fer_batch.config import ANNOTATE_DEFAULTS
+from fer_batch.formats import (HEAD_BYTES, describe_content, image_format, image_size,
+                               looks_truncated)
+from fer_batch.sampling import Sampler, Skipper
 
 MAX_PIXELS = ANNOTATE_DEFAULTS.max_pixels  # frame/image pixel limit: a 12000x10000 scan passes
 MAX_BAD_PACKETS = 200  # consecutive undecodable video packets before a file is given up
 SLACK_FRAMES = 2  # frames a complete video may fall short of its container's count (priming)
 SLACK_SECONDS = 0.5  # seconds a complete video's last frame may end before its duration
-HEAD_BYTES = 512  # bytes looked at to name the content of a file that is not media
-# codecs whose packets hold one frame each (MPEG-4 part 2 in AVI packs B-frames two to a
-# packet): their frames can be counted and timed from packets alone (_Skipper, segments.py)
-FRAME_PACKET_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "av1", "mjpeg", "mpeg2video"})
-SKIP_MARGIN_S = 1e-4  # seconds; frames this close to a sampling-grid point are always decoded
-LOOKAHEAD = 512  # packets read ahead at most to find the next keyframe (_Skipper)
-LOOKAHEAD_BYTES = 32 << 20  # and bytes: a 4K stream's packets are large
-REORDER_PACKETS = 16  # packets after a keyframe checked for frames shown before it
-# containers whose keyframe flags mark random-access points (MP4/MOV sync samples, Matroska
-# key blocks), as FFmpeg names them
-KEYFRAME_FORMATS = frozenset({"mov", "mp4", "matroska", "webm"})
 
 
 class DecodeError(RuntimeError):
     """A file that cannot be decoded; the message names the cause."""
-
-
-# --- what is this file? ---------------------------------------------------------------
-
-def describe_content(head: bytes) -> str:
-    """A short name for what the first bytes of a non-media file look like."""
-    h = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if h.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in h[:256]:
-        return "an HTML page (a saved error page or web page?)"
-    if h.startswith((b"<?xml", b"<svg")):
-        return "XML/SVG text"
-    if h.startswith((b"{", b"[")):
-        return "JSON text"
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith(b"PK\x03\x04"):
-        return "a ZIP archive"
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip data"
-    if head[4:8] == b"ftyp":
-        return "an MP4/MOV video or HEIC image"
-    if head.startswith(b"\x1a\x45\xdf\xa3"):
-        return "a Matroska/WebM video"
-    for cut in range(4):  # the sample may end inside a multi-byte character
-        try:
-            text = head[:len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if text and all(c.isprintable() or c in "\r\n\t" for c in text):
-            return "plain text"
-        break
-    return f"unrecognised data (first bytes {head[:8].hex(' ')})"
-
-
-def image_format(data: bytes) -> str | None:
-    """The image format named by the file's signature, else None."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:2] == b"BM":
-        return "bmp"
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    if data[:6] in (b"GIF87a", b"GIF89a"):
-        return "gif"
-    if len(data) > 2 and data[0:1] == b"P" and data[1:2] in b"123456" and data[2:3].isspace():
-        return "pnm"
-    return None
-
-
-def _png_size(d: bytes):
-    if d[12:16] == b"IHDR":
-        return struct.unpack(">II", d[16:24])
-    return None
-
-
-def _jpeg_size(d: bytes):
-    i = 2
-    while i + 9 < len(d):
-        if d[i] != 0xFF:
-            i += 1
-            continue
-        marker = d[i + 1]
-        if marker in (0xD8, 0x01, 0xFF) or 0xD0 <= marker <= 0xD7:
-            i += 1 if marker == 0xFF else 2
-            continue
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE,
-                      0xCF):
-            h, w = struct.unpack(">HH", d[i + 5:i + 9])
-            return w, h
-        if marker == 0xDA:  # start of scan before any frame header: damaged
-            return None
-        i += 2 + struct.unpack(">H", d[i + 2:i + 4])[0]
-    return None
-
-
-def _bmp_size(d: bytes):
-    (header,) = struct.unpack("<I", d[14:18])
-    if header == 12:  # OS/2 BITMAPCOREHEADER
-        return struct.unpack("<HH", d[18:22])
-    w, h = struct.unpack("<ii", d[18:26])
-    return abs(w), abs(h)  # negative height = top-down rows
-
-
-_TIFF_INTS = {1: "B", 3: "H", 4: "I", 16: "Q"}  # BYTE, SHORT, LONG, LONG8 (BigTIFF)
-
-
-def _tiff_size(d: bytes):
-    """Size of the first page (the one OpenCV decodes). A dimension tag written more than
-    once counts with its largest value: libtiff keeps the first, other readers the last, and
-    the pixel limit must hold for whichever a decoder believes."""
-    e = "<" if d[:2] == b"II" else ">"
-    big = struct.unpack(e + "H", d[2:4])[0] == 43
-    if big:
-        off = struct.unpack(e + "Q", d[8:16])[0]
-        n, at, size = struct.unpack(e + "Q", d[off:off + 8])[0], off + 8, 20
-    else:
-        off = struct.unpack(e + "I", d[4:8])[0]
-        n, at, size = struct.unpack(e + "H", d[off:off + 2])[0], off + 2, 12
-    dims = {}
-    for k in range(min(n, 4096)):
-        p = at + k * size
-        tag, typ = struct.unpack(e + "HH", d[p:p + 4])
-        if tag in (256, 257):
-            code = _TIFF_INTS.get(typ, "I")
-            v = d[p + 12:p + 20] if big else d[p + 8:p + 12]
-            value = struct.unpack(e + code, v[:struct.calcsize(code)])[0]
-            dims[tag] = max(dims.get(tag, 0), value)
-    return (dims[256], dims[257]) if len(dims) == 2 else None
-
-
-def _webp_size(d: bytes):
-    chunk = d[12:16]
-    if chunk == b"VP8 " and d[23:26] == b"\x9d\x01\x2a":
-        w, h = struct.unpack("<HH", d[26:30])
-        return w & 0x3FFF, h & 0x3FFF
-    if chunk == b"VP8L" and d[20] == 0x2F:
-        (b,) = struct.unpack("<I", d[21:25])
-        return (b & 0x3FFF) + 1, ((b >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8X":
-        w = int.from_bytes(d[24:27], "little") + 1
-        h = int.from_bytes(d[27:30], "little") + 1
-        return w, h
-    return None
-
-
-def _gif_size(d: bytes):
-    return struct.unpack("<HH", d[6:10])
-
-
-def _pnm_size(d: bytes):
-    text = re.sub(rb"#[^\n]*", b" ", d[2:256])
-    tokens = text.split()
-    return int(tokens[0]), int(tokens[1])
-
-
-_SIZE_READERS = dict(jpeg=_jpeg_size, png=_png_size, bmp=_bmp_size, tiff=_tiff_size,
-                     webp=_webp_size, gif=_gif_size, pnm=_pnm_size)
-
-
-def image_size(data: bytes, fmt: str | None = None):
-    """(width, height) declared by an image's header, without decoding pixels; None when the
-    format is unknown or the header is cut short or damaged."""
-    fmt = fmt or image_format(data)
-    try:
-        return _SIZE_READERS[fmt](data) if fmt else None
-    except (struct.error, IndexError, ValueError, KeyError):
-        return None
-
-
-def _looks_truncated(data: bytes, fmt: str) -> bool:
-    tail = data.rstrip(b"\x00")[-16:]
-    if fmt == "jpeg":
-        return not tail.endswith(b"\xff\xd9")
-    if fmt == "png":
-        return b"IEND" not in tail
-    return False
 
 
 # --- images ---------------------------------------------------------------------------
@@ -256,7 +84,7 @@ def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         raise DecodeError(f"{fmt.upper()} decoder refused the file: "
                           f"{str(e).strip()[:200]}") from None
     if img is None:
-        state = "truncated" if _looks_truncated(data, fmt) else "damaged"
+        state = "truncated" if looks_truncated(data, fmt) else "damaged"
         raise DecodeError(f"{state} {fmt.upper()} data: OpenCV could not decode the "
                           f"{w}x{h} image from {len(data)} bytes")
     if img.dtype != np.uint8:
@@ -448,179 +276,12 @@ def _open_stream(container, max_pixels: int, logs, limit: dict, threads: int):
     return stream
 
 
-class _Sampler:
-    """Which decoded frames to keep: every n-th, or the first at or after each 1/fps tick."""
-
-    def __init__(self, sample_fps: float, every_n: int, next_t: float = 0.0):
-        self.step = 1.0 / sample_fps if sample_fps > 0 else 0.0
-        self.every_n, self.next_t = every_n, next_t
-
-    def keep(self, index: int, t: float) -> bool:
-        if self.every_n:
-            return index % self.every_n == 0
-        if t + 1e-6 < self.next_t:
-            return False
-        self.next_t = (int(t / self.step + 1e-6) + 1) * self.step if self.step else 0.0
-        return True
-
-
-class _Skipper:
-    """Spares the decoder the frames the sampler will drop (--sample-fps), where it can.
-
-    The sampler keeps the first frame at or after each grid point k / sample_fps. A frame is
-    sure to be dropped when a frame of the same grid cell that comes before it went to the
-    decoder whole (its witness): the sampler meets that one first and moves its next sample
-    time past the cell. Frames within SKIP_MARGIN_S of a grid point are always decoded, so
-    rounding cannot change which frames are kept. A frame sure to be dropped goes to FFmpeg
-    with ``skip_frame`` set:
-
-    - NONREF (ALL for intra-only codecs): decoded only when later frames refer to it (I, P,
-      reference B), skipped otherwise (most B-frames);
-    - NONKEY, with every frame after it up to the next keyframe (read ahead, at most
-      LOOKAHEAD packets and LOOKAHEAD_BYTES), when all those frames lie in the same cell
-      after the witness, the keyframe is at or before the next grid point and no frame
-      after it is shown before it (no open GOP): nothing that is sampled can refer to them.
-      MP4/MOV and Matroska/WebM only, whose keyframe flags mark where decoding may start
-      (the seek points).
-
-    The decoder then returns fewer frames than the video holds, so frames are counted from
-    the packets: ``passed(pts)``, called for each frame the decoder returns, gives the frames
-    before it that it did not return (skipped, or lost to damage), and the frame's index is
-    its rank in presentation order among all frames, as segments.py computes it. Only
-    codecs with one frame per packet (FRAME_PACKET_CODECS) are skipped in."""
-
-    def __init__(self, codec_context, step: float, base: Fraction, start: int,
-                 min_pts: int | None, tail: bool):
-        self.cc, self.step, self.base, self.start = codec_context, step, base, start
-        self.min_pts = min_pts  # a segment's keyframe: packets before it are not counted
-        self.level = "ALL" if codec_context.codec.intra_only else "NONREF"
-        self.tail = tail and not codec_context.codec.intra_only  # NONKEY runs to a keyframe
-        self.setting = "DEFAULT"
-        self.whole: dict[int, float] = {}  # grid cell -> earliest time sent whole
-        self.pending: list[int] = []  # heap: pts of counted frames not yet returned
-        self.ahead: collections.deque = collections.deque()  # packets read ahead
-        self.source: Iterator | None = None
-        self.drop_left = 0  # packets after this one that go with it (NONKEY)
-
-    @classmethod
-    def of(cls, container, stream, sample_fps: float, every_n: int, base: Fraction,
-           start: int, min_pts: int | None) -> _Skipper | None:
-        """A skipper for the stream, or None when every frame must be decoded (every_n
-        sampling, a codec outside FRAME_PACKET_CODECS)."""
-        if every_n or sample_fps <= 0 or stream.codec_context.name not in FRAME_PACKET_CODECS:
-            return None
-        formats = set((container.format.name or "").split(","))
-        tail = bool(formats & KEYFRAME_FORMATS)
-        return cls(stream.codec_context, 1.0 / sample_fps, base, start, min_pts, tail)
-
-    def seconds(self, pts: int) -> float:
-        return float((pts - self.start) * self.base)
-
-    def packets(self, source: Iterator) -> Iterator:
-        """The demuxer's packets, in order, each with its skip_frame set (send)."""
-        self.source = iter(source)
-        while True:
-            packet = self.ahead.popleft() if self.ahead else next(self.source, None)
-            if packet is None:
-                return
-            self.send(packet)
-            yield packet
-
-    def send(self, packet) -> None:
-        """Before the packet goes to the decoder: count its frame, and set skip_frame."""
-        pts, setting = packet.pts, "DEFAULT"
-        if pts is not None and packet.size and not packet.is_discard and \
-                (self.min_pts is None or pts >= self.min_pts):
-            heapq.heappush(self.pending, pts)
-            setting = self._setting(pts, packet.is_keyframe)
-        else:
-            self.drop_left = 0
-        if setting != self.setting:
-            self.cc.skip_frame = self.setting = setting
-
-    def _setting(self, pts: int, keyframe: bool) -> str:
-        if self.drop_left:  # read ahead with an earlier packet: proven droppable
-            self.drop_left -= 1
-            return "NONKEY"
-        t = self.seconds(pts)
-        cell = math.floor(t / self.step)
-        if not cell * self.step + SKIP_MARGIN_S <= t <= (cell + 1) * self.step - SKIP_MARGIN_S:
-            return "DEFAULT"
-        first = self.whole.get(cell, math.inf)
-        if first < t and not keyframe:
-            after = self._droppable(first, (cell + 1) * self.step) if self.tail else None
-            if after is None:
-                return self.level
-            self.drop_left = after
-            return "NONKEY"
-        if t < first:
-            self.whole[cell] = t
-            if len(self.whole) > 256:  # reordering spans a few frames: forget the past
-                self.whole = {c: v for c, v in self.whole.items() if c >= cell - 16}
-        return "DEFAULT"
-
-    def _droppable(self, witness: float, next_grid: float) -> int | None:
-        """How many of the packets after the current one can be dropped with it: those up to
-        the next keyframe, when they all lie after the witness and before next_grid, the
-        keyframe is at or before next_grid and no frame after it is shown before it; None
-        when the current packet must not be dropped."""
-        i, held = 0, 0
-        while i < LOOKAHEAD and held < LOOKAHEAD_BYTES:
-            q = self._peek(i)
-            if q is None or not q.size:  # the end of the stream: nothing comes after
-                return i
-            held += q.size
-            if q.pts is None or q.is_discard:
-                return None
-            t = self.seconds(q.pts)
-            if q.is_keyframe:
-                if t > next_grid + SKIP_MARGIN_S:
-                    return None
-                for j in range(i + 1, i + 1 + REORDER_PACKETS):  # an open GOP's leading frames
-                    r = self._peek(j)
-                    if r is None or not r.size:
-                        break
-                    if r.pts is None or r.pts < q.pts:
-                        return None
-                return i
-            if not witness < t <= next_grid - SKIP_MARGIN_S:
-                return None
-            i += 1
-        return None
-
-    def _peek(self, i: int):
-        """The i-th packet after the current one (read ahead), None after the last."""
-        while len(self.ahead) <= i:
-            packet = next(self.source, None)
-            if packet is None:
-                return None
-            self.ahead.append(packet)
-        return self.ahead[i]
-
-    def passed(self, pts: int | None) -> list[int]:
-        """The pts of the counted frames before the returned frame at pts that the decoder
-        did not return; pts None (no time) passes none."""
-        out = []
-        if pts is None:
-            return out
-        while self.pending and self.pending[0] < pts:
-            out.append(heapq.heappop(self.pending))
-        if self.pending and self.pending[0] == pts:
-            heapq.heappop(self.pending)
-        return out
-
-    def rest(self) -> list[int]:
-        """The counted frames after the last one returned (at the end of the stream)."""
-        out, self.pending = sorted(self.pending), []
-        return out
-
-
 class _Packets:
     """The stream's decoded frames, packet by packet, skipping undecodable packets (counted
     in stats; more than MAX_BAD_PACKETS in a row gives the file up)."""
 
     def __init__(self, container, stream, stats: VideoStats, logs, max_pixels: int,
-                 skipper: _Skipper | None = None):
+                 skipper: Skipper | None = None):
         self.container, self.stream, self.stats = container, stream, stats
         self.logs, self.max_pixels, self.skipper = logs, max_pixels, skipper
         self.first_bad: str | None = None
@@ -669,9 +330,9 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     start = stream.start_time or 0
     # one segment (segments.py): the index and the sampler's next time at its start
     index, next_t = window.start(container, stream) if window is not None else (-1, 0.0)
-    sampler, last_t = _Sampler(sample_fps, every_n, next_t), None
+    sampler, last_t = Sampler(sample_fps, every_n, next_t), None
     key_pts = window.seg["key_pts"] if window is not None and window.do_seek else None
-    skipper = _Skipper.of(container, stream, sample_fps, every_n, base, start, key_pts)
+    skipper = Skipper.of(container, stream, sample_fps, every_n, base, start, key_pts)
     packets = _Packets(container, stream, stats, logs, max_pixels, skipper)
     try:
         for frame in packets.frames():
@@ -712,7 +373,7 @@ def _decode_stream(container, sample_fps, every_n, max_pixels, stats, logs, limi
     stats.error = _verdict(stats, stream, container, window, last_t, packets.first_bad)
 
 
-def _count_passed(skipper: _Skipper, passed: list[int], window, stats: VideoStats) -> int:
+def _count_passed(skipper: Skipper, passed: list[int], window, stats: VideoStats) -> int:
     """How many frames the decoder skipped (passed: their pts); a segment's window counts
     those inside it."""
     stats.frames_skipped += len(passed)

@@ -20,7 +20,7 @@ the index of a frame is its rank in presentation order among all frames of the v
 (``first_index`` counts the frames before the segment's keyframe), and with --sample-fps
 segment borders lie on the sampling grid (multiples of 1/sample_fps), where the sampler's
 state does not depend on earlier frames. Only codecs whose packets are one frame each are
-split (``decode.FRAME_PACKET_CODECS``); others stay one task.
+split (``sampling.FRAME_PACKET_CODECS``); others stay one task.
 """
 
 from __future__ import annotations
@@ -32,10 +32,10 @@ from fractions import Fraction
 import numpy as np
 import pyarrow as pa
 
-from fer_batch import decode, sink, storage
+from fer_batch import decode, sampling, sink, storage
 from fer_batch.config import ANNOTATE_DEFAULTS as _D
 
-EPS_S = 1e-6  # seconds; the same tolerance as decode's sampler (t + 1e-6 >= next sample time)
+EPS_S = sampling.TIME_EPS_S  # the sampler's tolerance: a segment keeps what it would keep
 MARGIN_S = 1e-3  # seconds; a segment's decode starts at a keyframe this much before its start
 
 
@@ -105,7 +105,7 @@ def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
     """(pts, keyframe, time_base, start_pts, duration_s) of a video's first video stream,
     from its packets (demuxed, not decoded), when its header declares more than
     min_duration_s seconds; else None, as when it cannot be split exactly (no video stream,
-    a codec outside decode.FRAME_PACKET_CODECS, packets without pts or with repeated pts)."""
+    a codec outside sampling.FRAME_PACKET_CODECS, packets without pts or with repeated pts)."""
     import av
     with av.open(file, mode="r", metadata_errors="ignore",
                  options={"max_pixels": str(max_pixels)}) as container:
@@ -114,7 +114,7 @@ def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
         stream = container.streams.video[0]
         declared = decode._duration_s(stream, container)
         if not declared or declared <= min_duration_s or not stream.time_base or \
-                stream.codec_context.name not in decode.FRAME_PACKET_CODECS:
+                stream.codec_context.name not in sampling.FRAME_PACKET_CODECS:
             return None
         pts, key = [], []
         for packet in container.demux(stream):

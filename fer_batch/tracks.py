@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from fer_batch.config import ANNOTATE_DEFAULTS
+from fer_batch.sampling import TIME_EPS_S
 from fer_batch.sink import top_labels, tracks_schema
 
 IOU_THRESHOLD = ANNOTATE_DEFAULTS.track_iou_threshold  # SORT's 0.3 (Bewley et al. 2016)
@@ -37,7 +38,6 @@ SMOOTH_S = ANNOTATE_DEFAULTS.track_smooth_s  # moving-average window: 3 samples 
 MAX_CENTER_SHIFT = 0.5  # centroid fallback: centre distance / face side of a match, at most;
 # 1.0 merged different passers-by on the street clip at 2 fps (checked on the crops), 0.5 did not
 MAX_SIZE_RATIO = 1.5  # centroid fallback: larger / smaller face side of a match, at most
-TIME_EPS = 1e-6  # seconds; container timestamps are not exact multiples of 1/fps
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise IoU. a: shape = (n, 4), b: shape = (m, 4), float x, y, w, h -> (n, m) float64."""
     a, b = np.asarray(a, np.float64)[:, None, :], np.asarray(b, np.float64)[None, :, :]
@@ -96,14 +96,14 @@ def link_faces(frame: np.ndarray, t: np.ndarray, boxes: np.ndarray, *,
     starts = np.flatnonzero(np.r_[True, frame[1:] != frame[:-1]])
     for lo, hi in zip(starts, np.r_[starts[1:], len(frame)]):
         now = t[lo]
-        live = [tr for tr in live if now - tr["t"] <= max_gap_s + TIME_EPS]
+        live = [tr for tr in live if now - tr["t"] <= max_gap_s + TIME_EPS_S]
         pred = np.array([np.r_[tr["box"][:2] + tr["v"] * (now - tr["t"]), tr["box"][2:]]
                          for tr in live], np.float64).reshape(-1, 4)  # size kept, centre moved
         det = boxes[lo:hi].astype(np.float64)
         matched = set()
         for ti, di in match_boxes(pred, det, iou_threshold):
             tr, dt = live[ti], now - live[ti]["t"]
-            if dt > TIME_EPS:
+            if dt > TIME_EPS_S:
                 tr["v"] = (_centre(det[di]) - _centre(tr["box"])) / dt
             tr.update(box=det[di], t=now)
             ids[lo + di] = tr["id"]
@@ -126,7 +126,7 @@ def smooth_probs(t: np.ndarray, probs: np.ndarray, window_s: float = SMOOTH_S) -
     probs = np.asarray(probs, np.float32)
     if window_s <= 0 or len(t) < 2:
         return probs.copy()
-    half = window_s / 2 + TIME_EPS
+    half = window_s / 2 + TIME_EPS_S
     lo = np.searchsorted(t, t - half, "left")
     hi = np.searchsorted(t, t + half, "right")
     cs = np.vstack([np.zeros((1, probs.shape[1])), np.cumsum(probs, axis=0, dtype=np.float64)])

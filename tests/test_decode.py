@@ -6,7 +6,7 @@ import pytest
 
 from conftest import encode_video, face_image
 from corpus import corrupt_middle, write_numbered_video
-from fer_batch import decode
+from fer_batch import decode, sampling
 
 
 def test_decode_image_returns_gray_uint8_and_refuses_junk():
@@ -79,7 +79,7 @@ def encoded(tmp_path_factory):
 
 def sampled_from_every_frame(data: bytes, sample_fps: float) -> list:
     """The frames --sample-fps keeps, picked by decode's sampler from every decoded frame."""
-    sampler = decode._Sampler(sample_fps, 0)
+    sampler = sampling.Sampler(sample_fps, 0)
     return [(i, t, g.tobytes()) for i, t, g in decode.iter_frames(io.BytesIO(data), every_n=1)
             if sampler.keep(i, t)]
 

@@ -415,12 +415,12 @@ def tiff_with_two_widths(first_w: int, second_w: int, h: int, real_w: int) -> by
 @pytest.mark.parametrize("first_w, second_w", [(4000, 8), (8, 4000)])
 def test_tiff_with_a_duplicated_width_is_refused_before_decoding(first_w, second_w):
     import cv2
-    from fer_batch import decode
+    from fer_batch import decode, formats
     data = tiff_with_two_widths(first_w, second_w, 4000, 4000)
     if first_w == 4000:  # what libtiff makes of it: the first width, 16 MB of pixels
         assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE).shape == \
             (4000, 4000)
-    assert decode.image_size(data) == (4000, 4000)
+    assert formats.image_size(data) == (4000, 4000)
     with pytest.raises(decode.DecodeError, match=r"declares 4000x4000 pixels, over the limit "
                        r"of 1000000 .*refused before decoding"):
         decode.decode_image(data, max_pixels=1_000_000)
