@@ -227,9 +227,9 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     model_path: model.pt written by ``fer-batch train``.
     output: folder for metrics.json, confusion_matrix.png, reliability.png and
         predictions.parquet (path, true_label, label, score per image; None = write nothing).
-    detect_faces: crop the largest Haar face first (for full photos such as JAFFE), the way
+    detect_faces: crop the largest face first (for full photos such as JAFFE), the way
         annotate crops it (labeled.load_faces).
-    crop_margin: margin around the Haar box (None = the checkpoint's, as annotate uses).
+    crop_margin: margin around the face box (None = the checkpoint's, as annotate uses).
     detector: the face detector of --detect-faces (default: annotate's).
     flip_average: average with the mirror image, as annotate does by default (training's
         own test metrics do not: the paper's protocol).
@@ -241,17 +241,44 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     calibration of the scores (``calibrate.summarize``: ece, nll, accuracy_at_coverage,
     reliability; temperature: the checkpoint's, applied).
     """
-    from fer_batch import calibrate, infer, labeled
+    from fer_batch import calibrate, infer
     from fer_batch.model import load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
     model = model.to(infer.pick_device())  # the GPU where there is one
     temperature = infer.temperature_of(meta)
-    classes = [labeled.canonical(c) for c in meta["classes"]]
-    channels = tuple(meta["input"]["channels"])
-    size = int(meta["input"]["size"])
     margin = (float(meta["preprocessing"].get("crop_margin", 0.0)) if crop_margin is None
               else crop_margin)
+    got = labeled_faces(data, meta, endpoint_url, detect_faces, margin, detector)
+    classes, y_true = got["classes"], got["y_true"]
+    probs = infer.predict(model, got["faces"], batch_size=PREDICT_BATCH, progress=True,
+                          flip_average=flip_average, temperature=temperature)
+    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    metrics = compute_metrics(y_true, y_pred, classes)
+    metrics.update(calibrate.summarize(probs, y_true) if len(probs) else {},
+                   temperature=temperature)
+    metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
+                   excluded_classes=got["excluded"], missing_classes=got["missing"],
+                   skipped=got["skipped"], detect_faces=detect_faces, crop_margin=margin,
+                   flip_average=flip_average, detector=detector if detect_faces else None)
+    print_summary(data, metrics, classes)
+    if output:
+        with storage.local_output(output, endpoint_url) as out:
+            write_metrics(out, metrics, title=os.path.basename(os.path.normpath(data)))
+            write_predictions(os.path.join(out, "predictions.parquet"), got["paths"], y_true,
+                              probs, classes)
+    return metrics
+
+
+def labeled_faces(data: str, meta: dict, endpoint_url: str | None, detect_faces: bool,
+                  margin: float, detector: str) -> dict:
+    """The faces of a labeled folder as the checkpoint (meta) reads them, for the classes it
+    shares with the model: dict(classes (the model's, canonical), faces (n, C, s, s) uint8,
+    y_true, paths, excluded {data class: images left out}, missing (model classes without
+    images), skipped (unreadable images)). Prints what it leaves out."""
+    from fer_batch import labeled
+    from fer_batch.console import progress_bar
+    classes = [labeled.canonical(c) for c in meta["classes"]]
     paths, labels, data_classes = labeled.list_labeled(data, endpoint_url)
     match = match_classes(data_classes, classes)
     keep = [i for i, lab in enumerate(labels) if lab in match["shared"]]
@@ -260,34 +287,24 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
         print(f"evaluate: class {c!r} ({n} images) is not a model class; left out")
     for c in match["model_only"]:
         print(f"evaluate: model class {c!r} has no images in {data}")
-    from fer_batch.console import progress_bar
     bar = progress_bar(len(keep), "loading faces", "image")
-    faces, ok, skipped = labeled.load_faces([(data, paths[i]) for i in keep], detect_faces,
-                                            endpoint_url, channels, size, margin, bar.update,
-                                            detector)
+    faces, ok, skipped = labeled.load_faces(
+        [(data, paths[i]) for i in keep], detect_faces, endpoint_url,
+        tuple(meta["input"]["channels"]), int(meta["input"]["size"]), margin, bar.update,
+        detector)
     bar.close()
     keep = [i for i, good in zip(keep, ok) if good]
-    y_true = np.array([classes.index(labels[i]) for i in keep], np.int64)
-    probs = infer.predict(model, faces, batch_size=PREDICT_BATCH, progress=True,
-                          flip_average=flip_average, temperature=temperature)
-    y_pred = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
-    metrics = compute_metrics(y_true, y_pred, classes)
-    metrics.update(calibrate.summarize(probs, y_true) if len(probs) else {},
-                   temperature=temperature)
-    metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
-                   excluded_classes=excluded, missing_classes=match["model_only"],
-                   skipped=skipped, detect_faces=detect_faces, crop_margin=margin,
-                   flip_average=flip_average, detector=detector if detect_faces else None)
+    return dict(classes=classes, faces=faces, paths=[paths[i] for i in keep],
+                y_true=np.array([classes.index(labels[i]) for i in keep], np.int64),
+                excluded=excluded, missing=match["model_only"], skipped=skipped)
+
+
+def print_summary(data: str, metrics: dict, classes) -> None:
+    """The console summary of an evaluation: metrics, calibration, confusion matrix."""
     print(f"evaluate {data}: {format_metrics(metrics)}")
-    if len(probs):
+    if "accuracy_at_coverage" in metrics:
         cover = metrics["accuracy_at_coverage"]
-        print(f"calibration (temperature {temperature:.3g}): ECE {100 * metrics['ece']:.2f}%; "
-              "accuracy of the most confident " + ", ".join(
+        print(f"calibration (temperature {metrics['temperature']:.3g}): ECE "
+              f"{100 * metrics['ece']:.2f}%; accuracy of the most confident " + ", ".join(
                   f"{100 * float(c):.0f}% {100 * v['accuracy']:.1f}%" for c, v in cover.items()))
     print(format_confusion(metrics["confusion_matrix"], classes))
-    if output:
-        with storage.local_output(output, endpoint_url) as out:
-            write_metrics(out, metrics, title=os.path.basename(os.path.normpath(data)))
-            write_predictions(os.path.join(out, "predictions.parquet"),
-                              [paths[i] for i in keep], y_true, probs, classes)
-    return metrics

@@ -155,38 +155,18 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
     try:
         for line in out.recover():
             progress(f"recovery: {line}")
-        if sources.excluded(cfg.output, sources.exclusion_roots(cfg.sources)):
-            progress(f"the output {cfg.output} lies inside a source: its files are not listed")
-        entries = sources.list_files(cfg.sources, cfg.endpoint_url, exclude=(cfg.output,),
-                                     follow_symlinks=cfg.follow_symlinks)
-        if cfg.limit:
-            entries = entries[:cfg.limit]
-        bad_names = sum(not storage.utf8_name(e["uri"]) for e in entries)
-        if bad_names:
-            progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
-                     "\\xNN escapes for the bad bytes (docs/output.md)")
-        files = readers.read_files(cfg.output, endpoint_url=cfg.endpoint_url) \
-            if cfg.incremental else None
-        already, other_model = incremental_split(
-            entries, readers.done_index(cfg.output, files=files) if files is not None else {},
-            readers.labelled_by(files) if files is not None else {}, model_id, cfg.relabel)
-        skip = {e["uri"] for e in already}
-        settled = [e for e in entries if e["status"] != "pending" and e["uri"] not in skip]
-        todo = [e for e in entries if e["status"] == "pending" and e["uri"] not in skip]
-        progress(f"run {run_id}: {len(entries)} files listed, {len(todo)} to process, "
-                 f"{len(settled)} skipped or unreadable, {len(already)} already done")
-        if other_model:
-            progress(f"{len(other_model)} done file(s) were labelled by another model than "
-                     f"{model_id}: " + ("relabelled now (--relabel)" if cfg.relabel else
-                                         "kept; --relabel redoes them with this model"))
-
+        plan = plan_run(cfg, model_id, progress)
+        progress(f"run {run_id}: {len(plan['entries'])} files listed, {len(plan['todo'])} to "
+                 f"process, {len(plan['settled'])} skipped or unreadable, "
+                 f"{len(plan['already'])} already done")
         stage = out.staging(run_id)
         out.write_json(f"{stage}/config.json", dict(config=dataclasses.asdict(cfg),
                                                     run_id=run_id, started=started))
-        if settled:
+        if plan["settled"]:
             sink.write_tables(out.fs, stage, sink.FILE_SCHEMA.empty_table(),
-                              sink.file_rows_table(settled, model_id), name="listing")
-        detected_on = _execute(cfg, todo, classes, spec, run_id) if todo else None
+                              sink.file_rows_table(plan["settled"], model_id), name="listing")
+        detected_on = _execute(cfg, plan["todo"], classes, spec, run_id) if plan["todo"] \
+            else None
         t_proc = time.perf_counter() - t0
         # the end of the run (finish.py): its staged rows become final, then the commit
         dropped = finish.deduplicate(out, run_id)
@@ -194,23 +174,52 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         n_tracks = finish.track(out, run_id, classes, min_score=cfg.min_score,
                                 iou_threshold=cfg.track_iou_threshold,
                                 max_gap_s=cfg.track_max_gap_s, smooth_s=cfg.track_smooth_s)
-        counts = _count(out, run_id)
+        other = len(plan["other_model"])
         manifest = dict(run_id=run_id, started=started, finished=runs.now_iso(),
                         seconds=round(time.perf_counter() - t0, 3),
                         processing_seconds=round(t_proc, 3), model=cfg.model,
                         model_id=model_id, classes=list(classes),
-                        config=dataclasses.asdict(cfg), files_listed=len(entries),
-                        files_already_done=len(already), duplicate_rows_dropped=dropped,
-                        files_other_model=len(other_model) if not cfg.relabel else 0,
-                        files_relabelled=len(other_model) if cfg.relabel else 0,
-                        detected_on=detected_on, tracks=n_tracks,
-                        **counts)
+                        config=dataclasses.asdict(cfg), files_listed=len(plan["entries"]),
+                        files_already_done=len(plan["already"]), duplicate_rows_dropped=dropped,
+                        files_other_model=0 if cfg.relabel else other,
+                        files_relabelled=other if cfg.relabel else 0,
+                        detected_on=detected_on, tracks=n_tracks, **_count(out, run_id))
         out.commit_or_set_aside(run_id, manifest)
         manifest.update(faces_path=f"{out.uri}/faces", files_path=f"{out.uri}/files",
                         manifest_path=f"{out.uri}/_runs/{run_id}.json")
         return manifest
     finally:
         out.release()
+
+
+def plan_run(cfg: AnnotateConfig, model_id: str, progress=print) -> dict:
+    """What this run does, decided on the driver before any work: the listed file entries,
+    those already done by a committed run (--incremental) and those of them another model
+    labelled, those settled at listing (skipped, unreadable: their rows are written as
+    they are) and those to process (``todo``)."""
+    if sources.excluded(cfg.output, sources.exclusion_roots(cfg.sources)):
+        progress(f"the output {cfg.output} lies inside a source: its files are not listed")
+    entries = sources.list_files(cfg.sources, cfg.endpoint_url, exclude=(cfg.output,),
+                                 follow_symlinks=cfg.follow_symlinks)
+    if cfg.limit:
+        entries = entries[:cfg.limit]
+    bad_names = sum(not storage.utf8_name(e["uri"]) for e in entries)
+    if bad_names:
+        progress(f"{bad_names} file name(s) are not valid UTF-8: their rows name them with "
+                 "\\xNN escapes for the bad bytes (docs/output.md)")
+    files = readers.read_files(cfg.output, endpoint_url=cfg.endpoint_url) \
+        if cfg.incremental else None
+    already, other_model = incremental_split(
+        entries, readers.done_index(cfg.output, files=files) if files is not None else {},
+        readers.labelled_by(files) if files is not None else {}, model_id, cfg.relabel)
+    if other_model:
+        progress(f"{len(other_model)} done file(s) were labelled by another model than "
+                 f"{model_id}: " + ("relabelled now (--relabel)" if cfg.relabel else
+                                     "kept; --relabel redoes them with this model"))
+    skip = {e["uri"] for e in already}
+    return dict(entries=entries, already=already, other_model=other_model,
+                settled=[e for e in entries if e["status"] != "pending" and e["uri"] not in skip],
+                todo=[e for e in entries if e["status"] == "pending" and e["uri"] not in skip])
 
 
 def incremental_split(entries: list, done: dict, labelled_by: dict, model_id: str,

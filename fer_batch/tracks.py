@@ -152,7 +152,7 @@ def label_segments(t: np.ndarray, labels) -> list[tuple[float, float, str]]:
 
 
 def summarize_track(t, frame, probs, classes, *, smooth_s: float = SMOOTH_S,
-                    min_score: float = 0.0) -> dict:
+                    min_score: float = ANNOTATE_DEFAULTS.min_score) -> dict:
     """One tracks row (without source, track_id, model_id) from a track's observations.
 
     t: shape = (n,) float64 seconds, ascending; frame: shape = (n,) int64;
@@ -172,9 +172,30 @@ def summarize_track(t, frame, probs, classes, *, smooth_s: float = SMOOTH_S,
     return row
 
 
+def _columns(faces: pa.Table, classes: list) -> tuple:
+    """The face columns tracking reads, as numpy arrays: source (object), frame_index,
+    has a timestamp (bool), timestamp_s (0 where null), boxes (n, 4), probabilities (n, k)
+    float32, model_id (list), face_index."""
+    n = faces.num_rows
+    ts = faces["timestamp_s"]
+    boxes = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in "xywh"], 1) if n else \
+        np.zeros((0, 4))
+    probs = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in classes], 1) \
+        .astype(np.float32) if n else np.zeros((0, len(classes)), np.float32)
+    names = faces.column_names
+    return (np.asarray(faces["source"].to_pylist(), object),
+            faces["frame_index"].to_numpy(zero_copy_only=False).astype(np.int64),
+            np.asarray(pc.is_valid(ts).to_numpy(zero_copy_only=False), bool),
+            np.asarray(pc.fill_null(ts, 0.0).to_numpy(zero_copy_only=False), np.float64),
+            boxes, probs,
+            faces["model_id"].to_pylist() if "model_id" in names else [None] * n,
+            faces["face_index"].to_numpy(zero_copy_only=False) if "face_index" in names
+            else np.zeros(n, np.int64))
+
+
 def assign_tracks(faces: pa.Table, classes, *, iou_threshold: float = IOU_THRESHOLD,
                   max_gap_s: float = MAX_GAP_S, smooth_s: float = SMOOTH_S,
-                  min_score: float = 0.0) -> tuple[pa.Table, pa.Table]:
+                  min_score: float = ANNOTATE_DEFAULTS.min_score) -> tuple[pa.Table, pa.Table]:
     """Link faces into tracks, per source, and summarise each track.
 
     Parameters
@@ -197,19 +218,7 @@ def assign_tracks(faces: pa.Table, classes, *, iou_threshold: float = IOU_THRESH
     classes = list(classes)
     schema = tracks_schema(classes)
     n = faces.num_rows
-    src = np.asarray(faces["source"].to_pylist(), object)
-    frame = faces["frame_index"].to_numpy(zero_copy_only=False).astype(np.int64)
-    ts = faces["timestamp_s"]
-    has_t = np.asarray(pc.is_valid(ts).to_numpy(zero_copy_only=False), bool)
-    t = np.asarray(pc.fill_null(ts, 0.0).to_numpy(zero_copy_only=False), np.float64)
-    boxes = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in "xywh"], 1) if n else \
-        np.zeros((0, 4))
-    probs = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in classes], 1) \
-        .astype(np.float32) if n else np.zeros((0, len(classes)), np.float32)
-    model = faces["model_id"].to_pylist() if "model_id" in faces.column_names else [None] * n
-    face_index = faces["face_index"].to_numpy(zero_copy_only=False) if "face_index" in \
-        faces.column_names else np.zeros(n, np.int64)
-
+    src, frame, has_t, t, boxes, probs, model, face_index = _columns(faces, classes)
     track_id = np.full(n, -1, np.int32)
     rows = []
     _, code = np.unique(src, return_inverse=True)  # sources in sorted order

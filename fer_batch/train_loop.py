@@ -270,54 +270,17 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    import torch.distributed as dist
     from torch.utils.data import DistributedSampler
 
-    from fer_batch.model import build_model
-
     cfg = TrainConfig(**{f.name: config[f.name] for f in dataclasses.fields(TrainConfig)})
-    if torch.get_num_threads() != config["threads"]:
-        # Ray Train runs this function in a thread of its own, where set_num_threads starts a
-        # second OpenMP team that fights the first: 10-20x slower steps here. Ray already
-        # sets OMP_NUM_THREADS to the worker's CPUs, so normally this does not run.
-        torch.set_num_threads(config["threads"])
-    # denormal floats (tiny gradients and Adam moments) run many times slower on x86 CPUs;
-    # flushing them to zero changes no result that matters (BENCHMARKS.md section 12)
-    torch.set_flush_denormal(True)
+    cpu_settings(config["threads"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    progress = config.get("progress")
-
-    def say(kind: str, payload) -> None:  # rank 0's progress for the driver's console
-        if rank != 0:
-            return
-        if progress is not None:
-            progress.put_nowait((kind, payload))
-        elif kind != "step":
-            print(payload if kind == "note" else epoch_line(payload, cfg.epochs), flush=True)
-
-    def reduce(*values):  # sums over workers, on the device (NCCL reduces GPU tensors only)
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        if world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
+    say = console(rank, config.get("progress"), cfg.epochs)
     data = {k: torch.from_numpy(np.array(v))  # writable copies
             for k, v in ray.get(config["data_ref"]).items()}
-    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
-    net = build_model(**config["model_args"])
-    if config.get("init_ref") is not None:
-        net.load_state_dict(ray.get(config["init_ref"]))
-    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs.
-    # On the device before the optimizer exists, so its restored state lands there too.
-    net = net.to(device, memory_format=torch.channels_last)
-    optimizer = build_optimizer(net, cfg)
-    start, history = restore(net, optimizer, cfg.resume_from, device)
-    if not start and cfg.start_epoch:  # --start-epoch: init_ref's weights, a new optimizer
-        start = cfg.start_epoch
-    if start:
-        say("note", f"resuming after epoch {start}")
+    net, optimizer, start, history = start_model(cfg, config, device, say)
     weight = config.get("class_weight")
     weight = torch.tensor(weight, device=device) if weight is not None else None
     bf16 = use_bf16(cfg.precision, device.type)
@@ -336,23 +299,90 @@ def train_loop_per_worker(config: dict) -> None:
             if step % PROGRESS_STEPS == 0:
                 say("step", dict(epoch=epoch + 1, step=step, steps=steps))
 
-        tr_loss, tr_correct = train_epoch(
+        sums = train_epoch(
             model, optimizer, data["x_train"], data["y_train"], order, cfg=cfg, epoch=epoch,
             total=total, device=device, bf16=bf16, weight=weight,
             rng=np.random.default_rng([cfg.seed, rank, epoch]), on_step=on_step)
-        tr_loss, tr_correct, tr_n = reduce(tr_loss, tr_correct, len(order))
-        te_loss, te_correct = reduce(*score_epoch(net, data["x_test"], data["y_test"],
-                                                 rank=rank, world=world, device=device))
-        te_n = len(data["y_test"])
-        row = dict(epoch=epoch + 1, train_loss=tr_loss / tr_n, train_acc=tr_correct / tr_n,
-                   test_loss=te_loss / te_n if te_n else None,
-                   test_acc=te_correct / te_n if te_n else None,
-                   lr=optimizer.param_groups[0]["lr"], seconds=time.perf_counter() - t0)
+        scored = score_epoch(net, data["x_test"], data["y_test"], rank=rank, world=world,
+                             device=device)
+        row = epoch_row(epoch, reduce_sums(device, world, *sums, len(order), *scored),
+                        len(data["y_test"]), optimizer.param_groups[0]["lr"],
+                        time.perf_counter() - t0)
         history.append(row)
         say("epoch", row)
         report(net, optimizer, epoch + 1, history, rank)
     if start >= last_epoch(cfg) and history:  # resumed at or past --stop-after: no epoch to
         report(net, optimizer, start, history, rank)  # run; hand the restored one back
+
+
+def cpu_settings(threads: int) -> None:
+    """Torch threads and denormal handling of a worker."""
+    import torch
+    if torch.get_num_threads() != threads:
+        # Ray Train runs the worker function in a thread of its own, where set_num_threads
+        # starts a second OpenMP team that fights the first: 10-20x slower steps here. Ray
+        # already sets OMP_NUM_THREADS to the worker's CPUs, so normally this does not run.
+        torch.set_num_threads(threads)
+    # denormal floats (tiny gradients and Adam moments) run many times slower on x86 CPUs;
+    # flushing them to zero changes no result that matters (BENCHMARKS.md section 12)
+    torch.set_flush_denormal(True)
+
+
+def console(rank: int, progress, epochs: int):
+    """say(kind, payload): rank 0's progress for the driver's console, through the Ray queue
+    `progress` (kinds "step", "epoch", "note"), else printed; other ranks say nothing."""
+    def say(kind: str, payload) -> None:
+        if rank != 0:
+            return
+        if progress is not None:
+            progress.put_nowait((kind, payload))
+        elif kind != "step":
+            print(payload if kind == "note" else epoch_line(payload, epochs), flush=True)
+    return say
+
+
+def start_model(cfg: TrainConfig, config: dict, device, say):
+    """(net on device, its optimizer, epochs done, history): the seeded model with
+    --pretrained's weights, then the state restore() finds (a failure's checkpoint or
+    --resume-from), else --start-epoch's place in the schedule."""
+    import ray
+    import torch
+
+    from fer_batch.model import build_model
+    torch.manual_seed(cfg.seed)  # same init everywhere (DDP also broadcasts rank 0's weights)
+    net = build_model(**config["model_args"])
+    if config.get("init_ref") is not None:
+        net.load_state_dict(ray.get(config["init_ref"]))
+    # NHWC convolutions: 1.7x faster training steps on a CPU (RESULTS.md), also good on GPUs.
+    # On the device before the optimizer exists, so its restored state lands there too.
+    net = net.to(device, memory_format=torch.channels_last)
+    optimizer = build_optimizer(net, cfg)
+    start, history = restore(net, optimizer, cfg.resume_from, device)
+    if start:
+        say("note", f"resuming after epoch {start}")
+    elif cfg.start_epoch:  # --start-epoch: init_ref's weights, a new optimizer
+        start = cfg.start_epoch
+        say("note", f"going on from --pretrained after epoch {start} of the schedule")
+    return net, optimizer, start, history
+
+
+def reduce_sums(device, world: int, *values) -> list[float]:
+    """The values summed over the workers, on the device (NCCL reduces GPU tensors only)."""
+    import torch
+    import torch.distributed as dist
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def epoch_row(epoch: int, sums: list, n_test: int, lr: float, seconds: float) -> dict:
+    """The history row of an epoch (0-based `epoch`) from the summed train loss, correct and
+    count, then test loss and correct."""
+    tr_loss, tr_correct, tr_n, te_loss, te_correct = sums
+    return dict(epoch=epoch + 1, train_loss=tr_loss / tr_n, train_acc=tr_correct / tr_n,
+                test_loss=te_loss / n_test if n_test else None,
+                test_acc=te_correct / n_test if n_test else None, lr=lr, seconds=seconds)
 
 
 def report(net, optimizer, epoch: int, history: list, rank: int) -> None:

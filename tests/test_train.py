@@ -364,6 +364,16 @@ def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(t
     lr2 = on["history"][1]["lr"]  # the schedule of the whole 3-epoch run, not a new one
     steps = -(-len(json.loads((tmp_path / "e1" / "split.json").read_text())["train"]) // 16)
     assert lr2 == pytest.approx(train_loop.lr_at(2 * steps - 1, 3 * steps, 1e-3, "restarts"))
+    # on a machine without the checkpoints: epoch 1's model.pt and --start-epoch 1 go on
+    # with epoch 2 of the same schedule (a new optimizer, the same learning rates)
+    moved = train.fit(TrainConfig(**dict(base, stop_after=2, run_name="elsewhere"),
+                                  output=str(tmp_path / "moved"), start_epoch=1,
+                                  pretrained=str(tmp_path / "e1" / "model.pt")))
+    assert [h["epoch"] for h in moved["history"]] == [2]
+    assert moved["history"][0]["lr"] == pytest.approx(lr2)
+    with pytest.raises(ValueError, match="--start-epoch"):  # needs weights to go on from
+        train.check_training(TrainConfig(**dict(base, stop_after=2), start_epoch=1,
+                                         output=str(tmp_path / "x")))
 
 
 def test_augment_tensor_draws_transforms_on_the_device_reproducibly():
