@@ -1,23 +1,27 @@
 """fit(cfg): labeled folders -> model.pt, metrics.json and plots, trained with Ray Train.
 
-Data flow, top to bottom:
+Data flow, in the order of this file:
 
-1. ``prepare_data``: ``labeled.list_many`` (class = first subfolder, through the expression
+1. ``fit``: ``check_training`` (bad options, missing data, unavailable weights: before Ray
+   starts), then one training run per split (``_fit``).
+2. ``prepare_data``: ``labeled.list_many`` (class = first subfolder, through the expression
    vocabulary; several folders train on the union of their classes) and ``labeled.load_faces``
    (decode + --detect-faces crop + prepare_faces: the pixels annotate feeds the model);
-   unreadable images are skipped and listed. Splits: --test-data (a held-out folder), a
-   random stratified split (the paper), a subject-disjoint split or K folds by subject.
-2. ``pretrained_state``: --pretrained none, imagenet, default (the shipped model) or a
+   unreadable images are skipped and listed. Splits (pure): --test-data (a held-out
+   folder), a random stratified split (the paper), a subject-disjoint split or K folds by
+   subject; --calibration-fraction holds images out for the temperature.
+3. ``pretrained_state``: --pretrained none, imagenet, default (the shipped model) or a
    model.pt of ours (transfer learning: backbone kept, classifier rebuilt).
-3. ``run_trainer``: the arrays go to the object store once; ``train_loop_per_worker``
-   shards them with a DistributedSampler (no Ray Data: 48x48 faces are a few MB, FER2013's
-   28,709 about 66 MB). Every epoch it reports metrics and a checkpoint; after a worker
-   failure Ray restarts the workers (FailureConfig(max_failures=2)) and they resume from it;
-   --resume-from continues a run whose driver died. Rank 0's progress reaches the driver's
-   console through a Ray queue (``relay_progress``).
-4. ``train_split``: the driver scores the test split with ``infer.predict`` (the annotate
-   code path) and writes model.pt, metrics.json, split.json, confusion_matrix.png,
-   training_curves.png; ``write_folds`` for --folds.
+4. ``train_split``: ``run_trainer`` puts the arrays in the object store once;
+   ``train_loop.train_loop_per_worker`` shards them with a DistributedSampler (no Ray Data:
+   48x48 faces are a few MB, FER2013's 28,709 about 66 MB). Every epoch it reports metrics
+   and a checkpoint; after a worker failure Ray restarts the workers
+   (FailureConfig(max_failures=2)) and they resume from it; --resume-from continues a run
+   whose driver died. Rank 0's progress reaches the driver's console through a Ray queue
+   (``relay_progress``). Then the driver scores the test split with ``infer.predict`` (the
+   annotate code path), fits the temperature and writes model.pt, metrics.json,
+   split.json, confusion_matrix.png, training_curves.png.
+5. ``write_folds`` for --folds: mean and spread over the folds.
 
 Every option is a TrainConfig field (the CLI flags are generated from it).
 """
@@ -41,6 +45,77 @@ FACE_SIZE = preprocess.FACE_SIZE  # model input side, pixels
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 
 
+# --- 1. the entry: check before Ray starts, then fit --------------------------------------
+
+def fit(cfg: TrainConfig, checked: dict | None = None) -> dict:
+    """Train on cfg.data and write the outputs to cfg.output, local or s3:// (see module
+    docstring). checked: what check_training(cfg) returned, when the caller already ran it.
+
+    Returns the metrics dict written to metrics.json: test metrics of the single split, or
+    with --folds K the mean/std over folds (``cv``) plus each fold's metrics (``folds``).
+    """
+    t_start = time.perf_counter()
+    checked = checked if checked is not None else check_training(cfg)
+    with storage.local_output(cfg.output, cfg.endpoint_url) as out:
+        return _fit(dataclasses.replace(cfg, output=out), checked, t_start)
+
+
+def check_training(cfg: TrainConfig) -> dict:
+    """Fail fast, before Ray starts: bad options, missing data, unavailable weights.
+
+    Returns what it had to find out, for ``fit`` not to do it twice: dict(listed=
+    labeled.list_many of DATA, test_listed= that of --test-data or None, init_state=
+    pretrained_state for the listed classes)."""
+    if cfg.split not in ("random", "subject"):
+        raise ValueError(f"--split {cfg.split!r}: random or subject")
+    if cfg.folds == 1 or cfg.folds < 0:
+        raise ValueError("--folds must be 0 (one split) or at least 2")
+    if not 0 < cfg.test_fraction < 1:
+        raise ValueError("--test-fraction must be between 0 and 1")
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
+        raise ValueError("--epochs, --batch-size and --lr must be positive")
+    if not cfg.data:
+        raise ValueError("name at least one labeled folder (DATA)")
+    if cfg.folds and cfg.test_data:
+        raise ValueError("--folds and --test-data exclude each other")
+    if not 0 <= cfg.crop_margin <= 1:
+        raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
+    lr_at(0, 1, cfg.lr, cfg.schedule)
+    if cfg.stop_after < 0 or not 0 <= cfg.calibration_fraction <= 0.5:
+        raise ValueError("--stop-after must be 0 or more, --calibration-fraction in 0..0.5")
+    if cfg.start_epoch and (cfg.resume_from or cfg.pretrained == "none"
+                            or cfg.start_epoch >= last_epoch(cfg)):
+        raise ValueError("--start-epoch goes on from --pretrained weights (not with "
+                         "--resume-from) and must be before --stop-after and --epochs")
+    if cfg.resume_from and not storage.is_s3(cfg.resume_from):
+        latest_checkpoint(os.path.expanduser(cfg.resume_from))  # raises, naming the folder
+    listed = labeled.list_many(cfg.data, cfg.endpoint_url)
+    test_listed = labeled.list_many((cfg.test_data,), cfg.endpoint_url) if cfg.test_data else None
+    return dict(listed=listed, test_listed=test_listed,
+                init_state=pretrained_state(cfg, listed[2], len(channel_names(cfg))))
+
+
+def _fit(cfg: TrainConfig, checked: dict, t_start: float) -> dict:
+    from fer_batch import evaluate
+    channels = channel_names(cfg)
+    data = prepare_data(cfg, channels, checked["listed"], checked["test_listed"])
+    classes, init_state = data["classes"], checked["init_state"]
+    print(f"{', '.join(cfg.data)}: {len(data['y'])} images in {len(classes)} classes "
+          f"({', '.join(classes)}), {len(data['skipped'])} skipped; "
+          f"{len(data['splits'])} training run(s)", flush=True)
+    stamp = cfg.run_name or time.strftime("fer-train-%Y%m%d-%H%M%S")
+    runs = [train_split(cfg, data, k, tr, te, channels=channels, init_state=init_state,
+                        run_name=stamp + (f"-fold{k}" if cfg.folds else ""),
+                        t_start=t_start)
+            for k, (tr, te) in enumerate(data["splits"])]
+    if not cfg.folds:
+        print(evaluate.format_confusion(runs[0]["confusion_matrix"], classes), flush=True)
+        return runs[0]
+    return write_folds(cfg, runs, classes, data["skipped"], t_start)
+
+
+# --- 2. data: labeled folders -> faces, splits --------------------------------------------
+
 def channel_names(cfg) -> tuple:
     """--channels "equalized,canny" -> ("equalized", "canny"), checked against prepare_faces."""
     names = tuple(c.strip() for c in cfg.channels.split(",") if c.strip())
@@ -51,7 +126,56 @@ def channel_names(cfg) -> tuple:
     return names
 
 
-# --- 3. splits (pure) -----------------------------------------------------------------------
+def prepare_data(cfg: TrainConfig, channels, listed, test_listed=None) -> dict:
+    """The training folders (and --test-data) as arrays, with the splits to train.
+    listed, test_listed: labeled.list_many of cfg.data and of (cfg.test_data,).
+
+    Returns dict: faces (n, C, 48, 48) uint8, y (n,) int64, classes, names (one per image,
+    for split.json), skipped, groups (subject ids or None), splits [(train_idx, test_idx)],
+    n_images (listed, before unreadable ones were dropped).
+    """
+    items, labels, classes = listed
+    faces, y, paths, skipped = _load(cfg, items, labels, classes, channels)
+    groups = None
+    if cfg.split == "subject" or cfg.folds:  # per folder: a subject never spans two folders
+        groups = np.concatenate([
+            np.array([f"{folder}:{g}" for g in labeled.read_subjects(
+                folder, [p for f, p in paths if f == folder], cfg.subject_column,
+                cfg.subject_pattern, cfg.endpoint_url)], dtype=object)
+            for folder in cfg.data if any(f == folder for f, _ in paths)])
+    if cfg.test_data:  # a held-out folder: train on all of DATA, test on it
+        t_items, t_labels, t_classes = test_listed
+        for c in sorted(set(t_classes) - set(classes)):
+            print(f"{cfg.test_data}: class {c!r} is not among the training classes; left out",
+                  flush=True)
+        keep = [i for i, lab in enumerate(t_labels) if lab in classes]
+        t_faces, t_y, t_paths, t_skipped = _load(
+            cfg, [t_items[i] for i in keep], [t_labels[i] for i in keep], classes, channels)
+        n = len(y)
+        faces, y = np.concatenate([faces, t_faces]), np.concatenate([y, t_y])
+        paths, skipped = paths + t_paths, skipped + t_skipped
+        splits = [(np.arange(n), np.arange(n, len(y)))]
+    elif cfg.folds:
+        splits = fold_indices(y, groups, cfg.folds, cfg.seed)
+    else:
+        splits = [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)]
+    names = [p if len(cfg.data) == 1 and f == cfg.data[0] else f"{f}/{p}" for f, p in paths]
+    return dict(faces=faces, y=y, classes=classes, names=names, skipped=skipped,
+                groups=groups, splits=splits, n_images=len(labels))
+
+
+def _load(cfg: TrainConfig, items, labels, classes, channels):
+    """Faces of labeled items -> (faces, y int64, items kept, skipped), with a progress bar."""
+    from fer_batch.console import progress_bar
+    bar = progress_bar(len(items), "loading faces", "image")
+    faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
+                                            channels, FACE_SIZE, cfg.crop_margin, bar.update)
+    bar.close()
+    for s in skipped:
+        print(f"skipping unreadable image {s['path']}: {s['error']}", flush=True)
+    y = np.array([classes.index(lab) for lab, good in zip(labels, ok) if good], np.int64)
+    return faces, y, [it for it, good in zip(items, ok) if good], skipped
+
 
 def split_indices(labels: np.ndarray, groups: np.ndarray | None, split: str = "random",
                   test_fraction: float = 0.2, seed: int = 0):
@@ -95,113 +219,7 @@ def fold_indices(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int =
         folds, shuffle=True, random_state=seed).split(np.arange(len(labels)), labels, groups)]
 
 
-def relay_progress(queue, epochs: int, done) -> None:
-    """Driver thread: rank 0's messages from `queue` as one progress bar per epoch and one
-    line per finished epoch, until `done` (a threading.Event) is set and the queue is empty."""
-    from queue import Empty
-
-    from fer_batch.console import progress_bar
-    bar = None
-    while True:
-        try:
-            kind, payload = queue.get(timeout=0.5)
-        except Empty:
-            if done.is_set():
-                break
-            continue
-        if kind == "step":
-            if bar is None:
-                bar = progress_bar(payload["steps"], f"epoch {payload['epoch']}/{epochs}",
-                                   "step")
-            bar.update(payload["step"] - bar.n)
-            continue
-        if bar is not None:
-            bar.close()
-            bar = None
-        print(payload if kind == "note" else epoch_line(payload, epochs), flush=True)
-    if bar is not None:
-        bar.close()
-
-
-def cpu_threads(workers: int, cluster_cpus: float, node_cpus: float) -> int:
-    """Torch threads (and CPUs reserved) per CPU worker: the cluster's CPUs shared among the
-    workers, at most one node's worth, at least 1. 2 workers on an 8-core laptop get 4 each."""
-    return max(1, min(int(cluster_cpus) // max(1, workers), int(node_cpus)))
-
-
-def scaling(cfg: TrainConfig):
-    """(ScalingConfig, torch threads per worker): --num-workers 0 = one worker per GPU, or
-    2 CPU workers that share the CPUs between them."""
-    import ray
-    from ray.train import ScalingConfig
-    resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and gpus > 0)
-    if use_gpu and gpus == 0 and cfg.use_gpu == "yes":
-        raise RuntimeError("--use-gpu yes but the Ray cluster has no GPUs")
-    n = cfg.num_workers or (gpus if use_gpu else 2)
-    threads = 1
-    if not use_gpu:
-        nodes = [x["Resources"].get("CPU", 0) for x in ray.nodes() if x.get("Alive")]
-        threads = cpu_threads(n, resources.get("CPU", 1), max(nodes, default=1))
-    return ScalingConfig(num_workers=n, use_gpu=use_gpu,
-                         resources_per_worker={"CPU": threads}), threads
-
-
-def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: dict,
-                name: str, init_state: dict | None = None, class_weight=None):
-    """Train with Ray Train. Returns (state_dict of the final model, per-epoch history)."""
-    import ray
-    import torch
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
-    store = checkpoint_store(cfg)
-    scaling_config, threads = scaling(cfg)
-    config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
-                  data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
-                                        y_test=y_test)),
-                  init_ref=ray.put(init_state) if init_state is not None else None,
-                  class_weight=None if class_weight is None else class_weight.tolist())
-    import threading
-
-    from ray.util.queue import Queue
-    config["progress"] = Queue(actor_options={"num_cpus": 0})
-    done = threading.Event()
-    shower = threading.Thread(target=relay_progress, args=(config["progress"], cfg.epochs, done),
-                              daemon=True)
-    trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
-        run_config=RunConfig(storage_path=store, name=name,
-                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    shower.start()
-    try:
-        result = trainer.fit()
-    finally:
-        done.set()
-        shower.join(timeout=5)
-    with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
-        print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
-              f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
-              flush=True)
-    elif not storage.is_s3(store):  # the run ended: model.pt replaces the ~300 MB state
-        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
-        if os.path.isdir(store) and not os.listdir(store):
-            os.rmdir(store)
-    return state["model"], state["history"]
-
-
-def checkpoint_store(cfg: TrainConfig) -> str:
-    """Where Ray Train keeps the per-epoch checkpoints: --storage-path, else OUTPUT/_ray_train."""
-    if cfg.storage_path:
-        return cfg.storage_path if storage.is_s3(cfg.storage_path) else os.path.abspath(
-            os.path.expanduser(cfg.storage_path))
-    return os.path.join(os.path.abspath(cfg.output), "_ray_train")
-
-
-# --- 5. fit ---------------------------------------------------------------------------------
+# --- 3. initial weights (--pretrained) ----------------------------------------------------
 
 def pretrained_state(cfg, classes, in_channels: int) -> dict | None:
     """Initial weights for --pretrained: none, imagenet, default (the shipped model), a
@@ -243,91 +261,7 @@ def pretrained_state(cfg, classes, in_channels: int) -> dict | None:
     return net.state_dict()
 
 
-def check_training(cfg: TrainConfig) -> dict:
-    """Fail fast, before Ray starts: bad options, missing data, unavailable weights.
-
-    Returns what it had to find out, for ``fit`` not to do it twice: dict(listed=
-    labeled.list_many of DATA, test_listed= that of --test-data or None, init_state=
-    pretrained_state for the listed classes)."""
-    if cfg.split not in ("random", "subject"):
-        raise ValueError(f"--split {cfg.split!r}: random or subject")
-    if cfg.folds == 1 or cfg.folds < 0:
-        raise ValueError("--folds must be 0 (one split) or at least 2")
-    if not 0 < cfg.test_fraction < 1:
-        raise ValueError("--test-fraction must be between 0 and 1")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("--epochs, --batch-size and --lr must be positive")
-    if not cfg.data:
-        raise ValueError("name at least one labeled folder (DATA)")
-    if cfg.folds and cfg.test_data:
-        raise ValueError("--folds and --test-data exclude each other")
-    if not 0 <= cfg.crop_margin <= 1:
-        raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
-    lr_at(0, 1, cfg.lr, cfg.schedule)
-    if cfg.stop_after < 0 or not 0 <= cfg.calibration_fraction <= 0.5:
-        raise ValueError("--stop-after must be 0 or more, --calibration-fraction in 0..0.5")
-    if cfg.start_epoch and (cfg.resume_from or cfg.pretrained == "none"
-                            or cfg.start_epoch >= last_epoch(cfg)):
-        raise ValueError("--start-epoch goes on from --pretrained weights (not with "
-                         "--resume-from) and must be before --stop-after and --epochs")
-    if cfg.resume_from and not storage.is_s3(cfg.resume_from):
-        latest_checkpoint(os.path.expanduser(cfg.resume_from))  # raises, naming the folder
-    listed = labeled.list_many(cfg.data, cfg.endpoint_url)
-    test_listed = labeled.list_many((cfg.test_data,), cfg.endpoint_url) if cfg.test_data else None
-    return dict(listed=listed, test_listed=test_listed,
-                init_state=pretrained_state(cfg, listed[2], len(channel_names(cfg))))
-
-
-def _load(cfg: TrainConfig, items, labels, classes, channels):
-    """Faces of labeled items -> (faces, y int64, items kept, skipped), with a progress bar."""
-    from fer_batch.console import progress_bar
-    bar = progress_bar(len(items), "loading faces", "image")
-    faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
-                                            channels, FACE_SIZE, cfg.crop_margin, bar.update)
-    bar.close()
-    for s in skipped:
-        print(f"skipping unreadable image {s['path']}: {s['error']}", flush=True)
-    y = np.array([classes.index(lab) for lab, good in zip(labels, ok) if good], np.int64)
-    return faces, y, [it for it, good in zip(items, ok) if good], skipped
-
-
-def prepare_data(cfg: TrainConfig, channels, listed, test_listed=None) -> dict:
-    """The training folders (and --test-data) as arrays, with the splits to train.
-    listed, test_listed: labeled.list_many of cfg.data and of (cfg.test_data,).
-
-    Returns dict: faces (n, C, 48, 48) uint8, y (n,) int64, classes, names (one per image,
-    for split.json), skipped, groups (subject ids or None), splits [(train_idx, test_idx)],
-    n_images (listed, before unreadable ones were dropped).
-    """
-    items, labels, classes = listed
-    faces, y, paths, skipped = _load(cfg, items, labels, classes, channels)
-    groups = None
-    if cfg.split == "subject" or cfg.folds:  # per folder: a subject never spans two folders
-        groups = np.concatenate([
-            np.array([f"{folder}:{g}" for g in labeled.read_subjects(
-                folder, [p for f, p in paths if f == folder], cfg.subject_column,
-                cfg.subject_pattern, cfg.endpoint_url)], dtype=object)
-            for folder in cfg.data if any(f == folder for f, _ in paths)])
-    if cfg.test_data:  # a held-out folder: train on all of DATA, test on it
-        t_items, t_labels, t_classes = test_listed
-        for c in sorted(set(t_classes) - set(classes)):
-            print(f"{cfg.test_data}: class {c!r} is not among the training classes; left out",
-                  flush=True)
-        keep = [i for i, lab in enumerate(t_labels) if lab in classes]
-        t_faces, t_y, t_paths, t_skipped = _load(
-            cfg, [t_items[i] for i in keep], [t_labels[i] for i in keep], classes, channels)
-        n = len(y)
-        faces, y = np.concatenate([faces, t_faces]), np.concatenate([y, t_y])
-        paths, skipped = paths + t_paths, skipped + t_skipped
-        splits = [(np.arange(n), np.arange(n, len(y)))]
-    elif cfg.folds:
-        splits = fold_indices(y, groups, cfg.folds, cfg.seed)
-    else:
-        splits = [split_indices(y, groups, cfg.split, cfg.test_fraction, cfg.seed)]
-    names = [p if len(cfg.data) == 1 and f == cfg.data[0] else f"{f}/{p}" for f, p in paths]
-    return dict(faces=faces, y=y, classes=classes, names=names, skipped=skipped,
-                groups=groups, splits=splits, n_images=len(labels))
-
+# --- 4. one training run: Ray Train, then the driver scores and writes --------------------
 
 def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_state,
                 run_name: str, t_start: float) -> dict:
@@ -383,6 +317,114 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
     return m
 
 
+def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: dict,
+                name: str, init_state: dict | None = None, class_weight=None):
+    """Train with Ray Train. Returns (state_dict of the final model, per-epoch history)."""
+    import ray
+    import torch
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+    store = checkpoint_store(cfg)
+    scaling_config, threads = scaling(cfg)
+    config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
+                  data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
+                                        y_test=y_test)),
+                  init_ref=ray.put(init_state) if init_state is not None else None,
+                  class_weight=None if class_weight is None else class_weight.tolist())
+    import threading
+
+    from ray.util.queue import Queue
+    config["progress"] = Queue(actor_options={"num_cpus": 0})
+    done = threading.Event()
+    shower = threading.Thread(target=relay_progress, args=(config["progress"], cfg.epochs, done),
+                              daemon=True)
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=config, scaling_config=scaling_config,
+        run_config=RunConfig(storage_path=store, name=name,
+                             failure_config=FailureConfig(max_failures=MAX_FAILURES),
+                             checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    shower.start()
+    try:
+        result = trainer.fit()
+    finally:
+        done.set()
+        shower.join(timeout=5)
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
+        print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
+              f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
+              flush=True)
+    elif not storage.is_s3(store):  # the run ended: model.pt replaces the ~300 MB state
+        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+        if os.path.isdir(store) and not os.listdir(store):
+            os.rmdir(store)
+    return state["model"], state["history"]
+
+
+def scaling(cfg: TrainConfig):
+    """(ScalingConfig, torch threads per worker): --num-workers 0 = one worker per GPU, or
+    2 CPU workers that share the CPUs between them."""
+    import ray
+    from ray.train import ScalingConfig
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    use_gpu = cfg.use_gpu == "yes" or (cfg.use_gpu == "auto" and gpus > 0)
+    if use_gpu and gpus == 0 and cfg.use_gpu == "yes":
+        raise RuntimeError("--use-gpu yes but the Ray cluster has no GPUs")
+    n = cfg.num_workers or (gpus if use_gpu else 2)
+    threads = 1
+    if not use_gpu:
+        nodes = [x["Resources"].get("CPU", 0) for x in ray.nodes() if x.get("Alive")]
+        threads = cpu_threads(n, resources.get("CPU", 1), max(nodes, default=1))
+    return ScalingConfig(num_workers=n, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": threads}), threads
+
+
+def cpu_threads(workers: int, cluster_cpus: float, node_cpus: float) -> int:
+    """Torch threads (and CPUs reserved) per CPU worker: the cluster's CPUs shared among the
+    workers, at most one node's worth, at least 1. 2 workers on an 8-core laptop get 4 each."""
+    return max(1, min(int(cluster_cpus) // max(1, workers), int(node_cpus)))
+
+
+def checkpoint_store(cfg: TrainConfig) -> str:
+    """Where Ray Train keeps the per-epoch checkpoints: --storage-path, else OUTPUT/_ray_train."""
+    if cfg.storage_path:
+        return cfg.storage_path if storage.is_s3(cfg.storage_path) else os.path.abspath(
+            os.path.expanduser(cfg.storage_path))
+    return os.path.join(os.path.abspath(cfg.output), "_ray_train")
+
+
+def relay_progress(queue, epochs: int, done) -> None:
+    """Driver thread: rank 0's messages from `queue` as one progress bar per epoch and one
+    line per finished epoch, until `done` (a threading.Event) is set and the queue is empty."""
+    from queue import Empty
+
+    from fer_batch.console import progress_bar
+    bar = None
+    while True:
+        try:
+            kind, payload = queue.get(timeout=0.5)
+        except Empty:
+            if done.is_set():
+                break
+            continue
+        if kind == "step":
+            if bar is None:
+                bar = progress_bar(payload["steps"], f"epoch {payload['epoch']}/{epochs}",
+                                   "step")
+            bar.update(payload["step"] - bar.n)
+            continue
+        if bar is not None:
+            bar.close()
+            bar = None
+        print(payload if kind == "note" else epoch_line(payload, epochs), flush=True)
+    if bar is not None:
+        bar.close()
+
+
+# --- 5. --folds: the summary over folds ---------------------------------------------------
+
 def write_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: float) -> dict:
     """--folds K: mean and std over the folds, the summed confusion matrix (every image is
     tested once), fold 0's model as OUTPUT/model.pt, OUTPUT/metrics.json."""
@@ -406,34 +448,3 @@ def write_folds(cfg: TrainConfig, runs: list, classes, skipped, t_start: float) 
         flush=True)
     return summary
 
-
-def fit(cfg: TrainConfig, checked: dict | None = None) -> dict:
-    """Train on cfg.data and write the outputs to cfg.output, local or s3:// (see module
-    docstring). checked: what check_training(cfg) returned, when the caller already ran it.
-
-    Returns the metrics dict written to metrics.json: test metrics of the single split, or
-    with --folds K the mean/std over folds (``cv``) plus each fold's metrics (``folds``).
-    """
-    t_start = time.perf_counter()
-    checked = checked if checked is not None else check_training(cfg)
-    with storage.local_output(cfg.output, cfg.endpoint_url) as out:
-        return _fit(dataclasses.replace(cfg, output=out), checked, t_start)
-
-
-def _fit(cfg: TrainConfig, checked: dict, t_start: float) -> dict:
-    from fer_batch import evaluate
-    channels = channel_names(cfg)
-    data = prepare_data(cfg, channels, checked["listed"], checked["test_listed"])
-    classes, init_state = data["classes"], checked["init_state"]
-    print(f"{', '.join(cfg.data)}: {len(data['y'])} images in {len(classes)} classes "
-          f"({', '.join(classes)}), {len(data['skipped'])} skipped; "
-          f"{len(data['splits'])} training run(s)", flush=True)
-    stamp = cfg.run_name or time.strftime("fer-train-%Y%m%d-%H%M%S")
-    runs = [train_split(cfg, data, k, tr, te, channels=channels, init_state=init_state,
-                        run_name=stamp + (f"-fold{k}" if cfg.folds else ""),
-                        t_start=t_start)
-            for k, (tr, te) in enumerate(data["splits"])]
-    if not cfg.folds:
-        print(evaluate.format_confusion(runs[0]["confusion_matrix"], classes), flush=True)
-        return runs[0]
-    return write_folds(cfg, runs, classes, data["skipped"], t_start)
