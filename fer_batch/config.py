@@ -19,6 +19,8 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
 DETECTORS = ("centerface", "haar")  # --detector choices (fer_batch/detect.py)
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes preprocess.prepare_faces can make
+STEMS = ("imagenet", "small")  # the model's conv1 variants (--stem, model.FaceNet)
+LEGACY_CROP_MARGIN = 0.0  # what a checkpoint written before crop_margin existed was cut with
 
 
 def opt(default, help: str, group: str = "general", **kw):
@@ -206,8 +208,7 @@ class TrainConfig:
                           "default (the model shipped in the repository); or PATH to a "
                           "torchvision resnet50 weights file.", "model")
     stem: str = opt("imagenet", "imagenet: torchvision's 7x7/2 conv + max-pool; small: 3x3/1 "
-                    "conv, no max-pool (keeps 48x48 detail).", "model",
-                    choices=("imagenet", "small"))
+                    "conv, no max-pool (keeps 48x48 detail).", "model", choices=STEMS)
     lr: float = opt(1e-4, "Adam learning rate (paper: 1e-4).", "model")
     batch_size: int = opt(8, "Images per step per worker (paper: 8).", "model")
     epochs: int = opt(8, "Training epochs (paper: 8).", "model")

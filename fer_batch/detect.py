@@ -26,7 +26,7 @@ import os
 import cv2
 import numpy as np
 
-from fer_batch.config import ANNOTATE_DEFAULTS as _D, DETECTORS, DetectorSettings
+from fer_batch.config import ANNOTATE_DEFAULTS, DETECTORS, DetectorSettings
 
 CASCADE_FILE = "haarcascade_frontalface_default.xml"  # ships with opencv-python(-headless) 4.x
 VERIFY_CASCADE_FILE = "haarcascade_frontalface_alt2.xml"  # second opinion on each candidate
@@ -107,8 +107,10 @@ def finish_boxes(xywh: np.ndarray, width: int, height: int, min_face: int = 0) -
 
 
 def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
-                 scale_factor: float = _D.scale_factor, min_neighbors: int = _D.min_neighbors,
-                 min_face: int = _D.min_face, max_side: int = 0,
+                 scale_factor: float = ANNOTATE_DEFAULTS.scale_factor,
+                 min_neighbors: int = ANNOTATE_DEFAULTS.min_neighbors,
+                 min_face: int = ANNOTATE_DEFAULTS.min_face,
+                 max_side: int = ANNOTATE_DEFAULTS.detect_max_side,
                  verifier: cv2.CascadeClassifier | None = None) -> np.ndarray:
     """Haar-cascade faces on the equalized frame.
 
@@ -279,8 +281,10 @@ def haar_framing(boxes: np.ndarray) -> np.ndarray:
     return np.stack([cx - side / 2, cy - side / 2, side, side], axis=1)
 
 
-def detect_centerface(gray: np.ndarray, session, *, max_side: int = _D.centerface_max_side,
-                      threshold: float = _D.centerface_threshold, min_face: int = _D.min_face,
+def detect_centerface(gray: np.ndarray, session, *,
+                      max_side: int = ANNOTATE_DEFAULTS.centerface_max_side,
+                      threshold: float = ANNOTATE_DEFAULTS.centerface_threshold,
+                      min_face: int = ANNOTATE_DEFAULTS.min_face,
                       raw: bool = False) -> np.ndarray:
     """CenterFace faces in one frame.
 

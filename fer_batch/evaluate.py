@@ -242,13 +242,12 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     reliability; temperature: the checkpoint's, applied).
     """
     from fer_batch import calibrate, infer
-    from fer_batch.model import load_checkpoint
+    from fer_batch.model import crop_margin_of, load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
     model = model.to(infer.pick_device())  # the GPU where there is one
     temperature = infer.temperature_of(meta)
-    margin = (float(meta["preprocessing"].get("crop_margin", 0.0)) if crop_margin is None
-              else crop_margin)
+    margin = float(crop_margin_of(meta)) if crop_margin is None else crop_margin
     got = labeled_faces(data, meta, endpoint_url, detect_faces, margin, detector)
     classes, y_true = got["classes"], got["y_true"]
     probs = infer.predict(model, got["faces"], batch_size=PREDICT_BATCH, progress=True,

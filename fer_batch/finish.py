@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from fer_batch import sink, tracks
-from fer_batch.config import ANNOTATE_DEFAULTS as _D
+from fer_batch.config import ANNOTATE_DEFAULTS
 from fer_batch.runs import Output, move_dir
 
 
@@ -80,9 +80,10 @@ def fold_segments(out: Output, run_id: str) -> int:
     return folded.num_rows
 
 
-def track(out: Output, run_id: str, classes, *, min_score: float = _D.min_score,
-          iou_threshold: float = _D.track_iou_threshold, max_gap_s: float = _D.track_max_gap_s,
-          smooth_s: float = _D.track_smooth_s) -> int:
+def track(out: Output, run_id: str, classes, *, min_score: float = ANNOTATE_DEFAULTS.min_score,
+          iou_threshold: float = ANNOTATE_DEFAULTS.track_iou_threshold,
+          max_gap_s: float = ANNOTATE_DEFAULTS.track_max_gap_s,
+          smooth_s: float = ANNOTATE_DEFAULTS.track_smooth_s) -> int:
     """Link the staged faces into tracks (tracks.assign_tracks, with annotate's --min-score
     and --track-* options): the staged faces are rewritten with track_id and the tracks
     table is staged. After fold_segments, so a video split into segments is tracked across

@@ -17,6 +17,7 @@ import re
 import numpy as np
 
 from fer_batch import decode, detect, preprocess, sources, storage
+from fer_batch.config import ANNOTATE_DEFAULTS, FACE_SIZE, TRAIN_DEFAULTS
 
 LABELS_FILE = "labels.csv"  # optional per-image metadata at the root of DATA (path, subject)
 
@@ -85,8 +86,9 @@ def list_many(folders, endpoint_url: str | None = None):
 
 
 def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = None,
-               channels=preprocess.CHANNELS, size: int = preprocess.FACE_SIZE,
-               crop_margin: float = 0.0, progress=None, detector: str = "haar"):
+               channels=preprocess.CHANNELS, size: int = FACE_SIZE,
+               crop_margin: float = TRAIN_DEFAULTS.crop_margin, progress=None,
+               detector: str = ANNOTATE_DEFAULTS.detector):
     """Decode and prepare labeled images: the same pixels ``annotate`` feeds the model.
 
     items: (folder, relative path) pairs. With detect_faces the largest face found by

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fer_batch.config import CHANNEL_NAMES, DEFAULT_MODEL, DEFAULT_MODEL_NAME
+from fer_batch.config import (CHANNEL_NAMES, DEFAULT_MODEL, DEFAULT_MODEL_NAME, FACE_SIZE,
+                              LEGACY_CROP_MARGIN, STEMS, TRAIN_DEFAULTS)
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")  # CK+
 FORMAT = "fer-batch/1"
 ARCH = "resnet50"
@@ -43,7 +44,7 @@ class FaceNet(nn.Module):
     training and inference feed it the same bytes."""
 
     def __init__(self, num_classes: int = len(EMOTIONS), in_channels: int = 1,
-                 stem: str = "imagenet"):
+                 stem: str = TRAIN_DEFAULTS.stem):
         super().__init__()
         net = torchvision.models.resnet50(weights=None, num_classes=num_classes)
         if stem == "small":  # 48x48 input: keep resolution through the stem
@@ -60,7 +61,7 @@ class FaceNet(nn.Module):
 
 
 def build_model(num_classes: int = len(EMOTIONS), in_channels: int = 1,
-                stem: str = "imagenet") -> FaceNet:
+                stem: str = TRAIN_DEFAULTS.stem) -> FaceNet:
     """A ResNet-50 whose classifier has num_classes outputs and whose conv1 takes
     in_channels planes."""
     return FaceNet(num_classes=num_classes, in_channels=in_channels, stem=stem)
@@ -110,7 +111,7 @@ def weights_id(state_dict: dict) -> str:
 
 
 def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, channels,
-                    face_size: int = 48, crop_margin: float = 0.0,
+                    face_size: int = FACE_SIZE, crop_margin: float = LEGACY_CROP_MARGIN,
                     train_config: dict | None = None, data: dict | None = None,
                     metrics: dict | None = None, calibration: dict | None = None) -> str:
     """Write the checkpoint (see module docstring). Returns its model_id."""
@@ -191,9 +192,13 @@ def read_checkpoint(data: bytes, name: str = "checkpoint") -> dict:
     return ckpt
 
 
-STEMS = ("imagenet", "small")  # FaceNet's conv1 variants (TrainConfig.stem choices)
 INPUT_SIZES = (16, 512)  # face side in pixels a checkpoint may ask for; 48 = CK+48 crops
 MAX_CROP_MARGIN = 2.0  # fraction of the Haar box side; beyond this the crop is mostly background
+
+
+def crop_margin_of(meta: dict) -> float:
+    """The crop margin a checkpoint's faces were cut with (older checkpoints: none)."""
+    return meta["preprocessing"].get("crop_margin", LEGACY_CROP_MARGIN)
 
 
 def _bad(name: str, what: str) -> CheckpointError:
@@ -253,7 +258,7 @@ def check_checkpoint(ckpt: dict, name: str = "checkpoint") -> None:
     if not _is_int(args["in_channels"]) or args["in_channels"] != len(channels):
         raise _bad(name, f"model_args in_channels {args['in_channels']!r} for "
                          f"{len(channels)} input channel(s) {channels}")
-    margin = ckpt["preprocessing"].get("crop_margin", 0.0)  # older checkpoints: none = 0
+    margin = crop_margin_of(ckpt)
     if not _is_number(margin) or not 0 <= margin <= MAX_CROP_MARGIN:
         raise _bad(name, f"preprocessing crop_margin {margin!r} outside 0..{MAX_CROP_MARGIN}")
     calibration = ckpt.get("calibration", {})

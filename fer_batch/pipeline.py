@@ -31,7 +31,7 @@ from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
-from fer_batch.model import load_checkpoint
+from fer_batch.model import crop_margin_of, load_checkpoint
 from fer_batch.preprocess import FaceCropper
 
 IMAGES_PER_UNIT = ANNOTATE_DEFAULTS.images_per_task  # per-task overhead amortised over many
@@ -92,15 +92,15 @@ def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[di
     keys = ("uri", "media_type", "size_bytes", "mtime_ns")
     units, group, size = [], [], 0
     for e in entries:
-        item = {k: e[k] for k in keys}
+        slim = {k: e[k] for k in keys}  # what a worker needs of the entry
         if e["media_type"] != "image":
-            units.append([item])
+            units.append([slim])
             continue
         if group and (len(group) >= max(1, images_per_unit)
                       or size + (e["size_bytes"] or 0) > UNIT_BYTES):
             units.append(group)
             group, size = [], 0
-        group.append(item)
+        group.append(slim)
         size += e["size_bytes"] or 0
     if group:
         units.append(group)
@@ -146,8 +146,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
         sink.check_class_names(meta["classes"], cfg.model)
     classes, model_id = meta["classes"], meta["model_id"]
-    # model input and crop framing (older checkpoints: no margin)
-    spec = dict(meta["input"], crop_margin=float(meta["preprocessing"].get("crop_margin", 0.0)))
+    spec = dict(meta["input"], crop_margin=float(crop_margin_of(meta)))  # input and framing
 
     out = runs.Output(cfg.output, cfg.endpoint_url)
     run_id = runs.new_run_id()
@@ -270,18 +269,18 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
     pool = start_detector_pool(cfg, use_gpu, n_gpu) if detect_in_pool(cfg, use_gpu) else None
     ledger = AttemptLedger.remote()
-    items = work_units(todo, cfg.images_per_task)
+    units = work_units(todo, cfg.images_per_task)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
     if cfg.segment_seconds > 0:
-        items = split_long_videos(cfg, items, every_n, ledger)
+        units = split_long_videos(cfg, units, every_n, ledger)
     ds = (
-        ray.data.from_items(items, override_num_blocks=len(items))  # one unit per task
+        ray.data.from_items(units, override_num_blocks=len(units))  # one unit per task
         .map_batches(
             FaceCropper, batch_size=1, batch_format="numpy", num_cpus=1,
             # start as many actors as the CPUs present now (not 1, then scale up: each actor
             # start costs seconds of imports); grow to crop_actors as nodes join
-            compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(items)),
-                                      max_size=min(crop_actors, len(items)),
+            compute=ActorPoolStrategy(min_size=min(crop_actors, max(1, n_cpu), len(units)),
+                                      max_size=min(crop_actors, len(units)),
                                       # a unit is seconds to minutes of work: queued behind a
                                       # busy actor it would wait while another actor idles
                                       # (two segments of one video on one actor)
@@ -314,15 +313,15 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     return f"pool ({'cuda' if use_gpu else 'cpu'})"
 
 
-def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) -> list[dict]:
+def split_long_videos(cfg: AnnotateConfig, units: list, every_n: int, ledger) -> list[dict]:
     """Work units with each video longer than cfg.segment_seconds replaced by one unit per
     segment (segments.split_unit). The videos are opened on the workers (the driver opens no
     file), in Ray tasks before the annotate chain: a block of the chain goes to one actor
     whole, so segments must be units of their own from the start. When this fails, videos
     stay whole (one task each), as with --segment-seconds 0."""
-    videos = [u for u in items if segments.video_uri(u) is not None]
+    videos = [u for u in units if segments.video_uri(u) is not None]
     if not videos:
-        return items
+        return units
     kw = dict(segment_s=cfg.segment_seconds, sample_fps=cfg.sample_fps, every_n=every_n,
               max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
               attempts=AttemptCounter(ledger), max_attempts=cfg.max_file_retries + 1)
@@ -332,12 +331,12 @@ def split_long_videos(cfg: AnnotateConfig, items: list, every_n: int, ledger) ->
     except Exception as e:  # noqa: BLE001 - splitting is an optimisation, never a failure
         import logging
         logging.getLogger(__name__).warning("long videos not split into segments: %s", e)
-        return items
+        return units
     by_uri: dict[str, list] = {}
     for row in (r for rows in split for r in rows):
         by_uri.setdefault(segments.video_uri(row), []).append(row)
     out = []
-    for unit in items:
+    for unit in units:
         rows = by_uri.get(segments.video_uri(unit))
         out += sorted(rows, key=segments.unit_order) if rows else [unit]
     return out

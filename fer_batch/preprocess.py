@@ -20,12 +20,12 @@ import cv2
 import numpy as np
 
 from fer_batch import decode, segments, sink, storage
-from fer_batch.config import (ANNOTATE_DEFAULTS as _D, FACE_SIZE,
+from fer_batch.config import (ANNOTATE_DEFAULTS, FACE_SIZE,
                               TRAIN_DEFAULTS, DetectorSettings)
 from fer_batch.detect import load_detector
 
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
-CHANNELS = ("equalized",)  # default model input channels; ("equalized", "canny") adds edges
+CHANNELS = tuple(TRAIN_DEFAULTS.channels.split(","))  # the default model input planes
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
 POOL_CHUNK = 16  # sampled frames held for one call to the GPU pool's detector (--detect-on pool)
 
@@ -180,11 +180,13 @@ class FaceCropper:
 
     def __init__(self, *, face_size: int = FACE_SIZE, channels=CHANNELS,
                  detection: DetectorSettings = DetectorSettings(),
-                 sample_fps: float = _D.sample_fps, every_n_frames: int = _D.every_n_frames,
-                 decode_threads: int = _D.decode_threads,
-                 max_pixels: int = _D.max_pixels, max_image_bytes: int = _D.max_image_bytes,
+                 sample_fps: float = ANNOTATE_DEFAULTS.sample_fps,
+                 every_n_frames: int = ANNOTATE_DEFAULTS.every_n_frames,
+                 decode_threads: int = ANNOTATE_DEFAULTS.decode_threads,
+                 max_pixels: int = ANNOTATE_DEFAULTS.max_pixels,
+                 max_image_bytes: int = ANNOTATE_DEFAULTS.max_image_bytes,
                  endpoint_url: str | None = None, attempts=None,
-                 max_attempts: int = _D.max_file_retries + 1,
+                 max_attempts: int = ANNOTATE_DEFAULTS.max_file_retries + 1,
                  crop_margin: float = TRAIN_DEFAULTS.crop_margin, pool=None):
         """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint. pool:
         detection in the GPU pool (--detect-on pool), a callable [gray frames] -> [boxes]
@@ -213,12 +215,12 @@ class FaceCropper:
 
     def _process_units(self, batch: dict):
         entries = [e for unit in batch["files"] for e in json.loads(str(unit))]
-        held = []  # output of images, yielded as one batch per call (fewer, larger blocks)
+        image_batches = []  # yielded as one batch per call (fewer, larger blocks)
         for entry in entries:
             out = None
             for out in self.process(entry):  # the last batch holds the file row
                 if entry["media_type"] == "image":
-                    held.append(out)
+                    image_batches.append(out)
                 else:  # videos stream out every FRAMES_PER_YIELD frames: bounded memory
                     yield out
             if self.attempts is not None:  # out ends with the file row
@@ -227,8 +229,8 @@ class FaceCropper:
                                      frames=int(out["frames_decoded"][-1]),
                                      faces=int(out["faces"][-1]),
                                      files=1 / seg["count"] if seg else 1)
-        if held:
-            yield {k: np.concatenate([b[k] for b in held]) for k in held[0]}
+        if image_batches:
+            yield {k: np.concatenate([b[k] for b in image_batches]) for k in image_batches[0]}
 
     def process(self, entry: dict):
         """Yield face batches, then exactly one file row, for one file entry.

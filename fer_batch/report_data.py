@@ -36,7 +36,7 @@ MAX_TABLE_ROWS = 200  # rows of the tracks and errors tables
 COUNT_KEYS = ["source", "media_type", "label"]  # pass 1 counts faces per these
 PICK_COLUMNS = ["source", "run_id", "frame_index", "face_index", "track_id", "label", "score"]
 TALLY_COLUMNS = [*PICK_COLUMNS, "media_type"]  # what pass 1 reads
-TRACK_COLUMNS = ["source", "track_id", "start_s", "end_s", "faces", "dominant_label",
+TRACK_SUMMARY_COLUMNS = ["source", "track_id", "start_s", "end_s", "faces", "dominant_label",
                  "segments"]  # what the tracks table and the lanes show
 
 
@@ -44,7 +44,7 @@ TRACK_COLUMNS = ["source", "track_id", "start_s", "end_s", "faces", "dominant_la
 class Timeline:
     """One drawn video. per_frame: index timestamp_s (float64, ascending), one float32
     column per class, the mean over the faces of each sampled frame; lanes: its MAX_LANES
-    tracks with most faces (TRACK_COLUMNS), by track_id; seen: track_id, timestamp_s of the
+    tracks with most faces (TRACK_SUMMARY_COLUMNS), by track_id; seen: track_id, timestamp_s of the
     lanes' faces; faces, tracks: counts over the whole video."""
     source: str
     faces: int
@@ -97,7 +97,7 @@ def load(out_uri: str, endpoint_url: str | None = None,
     d.videos = len(per_video)
     drawn = per_video.head(MAX_TIMELINES)
     d.tracks, d.track_rows, lanes, n_tracks = scan_tracks(
-        scan("tracks", columns=TRACK_COLUMNS), list(drawn.index))
+        scan("tracks", columns=TRACK_SUMMARY_COLUMNS), list(drawn.index))
     d.timelines = build_timelines(scan, drawn, d.classes, names, lanes, n_tracks)
     return d
 
@@ -191,13 +191,13 @@ def source_label_table(counts: pd.Series, labels) -> pd.DataFrame:
 
 def scan_tracks(batches, videos: list[str], table_rows: int = MAX_TABLE_ROWS,
                 per_video: int = MAX_LANES):
-    """One pass over track batches (TRACK_COLUMNS). Returns (number of tracks, the first
+    """One pass over track batches (TRACK_SUMMARY_COLUMNS). Returns (number of tracks, the first
     table_rows by (source, track_id) as pandas, the per_video tracks with most faces of each
     of videos (ties: lower track_id) as pandas, {video: its number of tracks})."""
     n, first, lanes, n_tracks = 0, None, None, {}
     order = [("source", "ascending"), ("track_id", "ascending")]
     for tbl in batches:
-        tbl = tbl.select(TRACK_COLUMNS)
+        tbl = tbl.select(TRACK_SUMMARY_COLUMNS)
         n += tbl.num_rows
         first = tbl if first is None else pa.concat_tables([first, tbl])
         first = first.sort_by(order).slice(0, table_rows)
@@ -206,7 +206,7 @@ def scan_tracks(batches, videos: list[str], table_rows: int = MAX_TABLE_ROWS,
             n_tracks[src.as_py()] = n_tracks.get(src.as_py(), 0) + k.as_py()
         lanes = mine if lanes is None else pa.concat_tables([lanes, mine])
         lanes = longest_tracks(lanes, per_video)
-    empty = pd.DataFrame(columns=TRACK_COLUMNS)
+    empty = pd.DataFrame(columns=TRACK_SUMMARY_COLUMNS)
     return (n, empty if first is None else first.to_pandas(),
             empty if lanes is None else lanes.to_pandas(), n_tracks)
 

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from fer_batch import decode, sampling, sink, storage
-from fer_batch.config import ANNOTATE_DEFAULTS as _D
+from fer_batch.config import ANNOTATE_DEFAULTS
 
 EPS_S = sampling.TIME_EPS_S  # the sampler's tolerance: a segment keeps what it would keep
 MARGIN_S = 1e-3  # seconds; a segment's decode starts at a keyframe this much before its start
@@ -101,7 +101,7 @@ def plan_segments(pts: np.ndarray, keyframe: np.ndarray, time_base: Fraction, st
 
 # --- splitting a work unit (plain Ray tasks before the Ray Data chain: split_units) --------
 
-def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
+def probe_video(file, min_duration_s: float, max_pixels: int = ANNOTATE_DEFAULTS.max_pixels):
     """(pts, keyframe, time_base, start_pts, duration_s) of a video's first video stream,
     from its packets (demuxed, not decoded), when its header declares more than
     min_duration_s seconds; else None, as when it cannot be split exactly (no video stream,
@@ -132,10 +132,12 @@ def probe_video(file, min_duration_s: float, max_pixels: int = _D.max_pixels):
         return pts, np.asarray(key, bool), stream.time_base, start, duration
 
 
-def split_unit(row: dict, *, segment_s: float = _D.segment_seconds,
-               sample_fps: float = _D.sample_fps, every_n: int = _D.every_n_frames,
-               max_pixels: int = _D.max_pixels, endpoint_url: str | None = None,
-               attempts=None, max_attempts: int = _D.max_file_retries + 1) -> list[dict]:
+def split_unit(row: dict, *, segment_s: float = ANNOTATE_DEFAULTS.segment_seconds,
+               sample_fps: float = ANNOTATE_DEFAULTS.sample_fps,
+               every_n: int = ANNOTATE_DEFAULTS.every_n_frames,
+               max_pixels: int = ANNOTATE_DEFAULTS.max_pixels, endpoint_url: str | None = None,
+               attempts=None, max_attempts: int = ANNOTATE_DEFAULTS.max_file_retries + 1
+               ) -> list[dict]:
     """A work unit (pipeline.work_units row) -> the same unit, or one unit
     per segment when it holds one video longer than segment_s. Never raises: a video that
     cannot be opened or split stays whole (FaceCropper then reports what is wrong with it).

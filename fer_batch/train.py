@@ -36,12 +36,11 @@ import time
 
 import numpy as np
 
-from fer_batch import labeled, preprocess, storage
-from fer_batch.config import CHANNEL_NAMES, TrainConfig
+from fer_batch import labeled, storage
+from fer_batch.config import CHANNEL_NAMES, FACE_SIZE, TRAIN_DEFAULTS, TrainConfig
 from fer_batch.train_loop import (class_weights, epoch_line, last_epoch, latest_checkpoint,
                                   lr_at, train_loop_per_worker)
 
-FACE_SIZE = preprocess.FACE_SIZE  # model input side, pixels
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 
 
@@ -177,8 +176,10 @@ def _load(cfg: TrainConfig, items, labels, classes, channels):
     return faces, y, [it for it, good in zip(items, ok) if good], skipped
 
 
-def split_indices(labels: np.ndarray, groups: np.ndarray | None, split: str = "random",
-                  test_fraction: float = 0.2, seed: int = 0):
+def split_indices(labels: np.ndarray, groups: np.ndarray | None,
+                  split: str = TRAIN_DEFAULTS.split,
+                  test_fraction: float = TRAIN_DEFAULTS.test_fraction,
+                  seed: int = TRAIN_DEFAULTS.seed):
     """(train_idx, test_idx), sorted int arrays.
 
     random: stratified by class, test_fraction of the images (the paper's 80/20).

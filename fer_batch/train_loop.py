@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from fer_batch.config import TrainConfig
+from fer_batch.config import TRAIN_DEFAULTS, TrainConfig
 
 PROGRESS_STEPS = 10  # rank 0 reports its step to the driver's progress bar this often
 # --augment: random translation (pixels), rotation (degrees), scale, brightness/contrast
@@ -27,7 +27,8 @@ BRIGHTNESS, CONTRAST = 20, (0.8, 1.2)  # additive (grey levels) and multiplicati
 RESTART_CYCLES = (1 / 7, 2 / 7, 4 / 7)  # --schedule restarts: each cycle twice the last
 
 
-def lr_at(step: int, total: int, base_lr: float, schedule: str = "constant") -> float:
+def lr_at(step: int, total: int, base_lr: float, schedule: str = TRAIN_DEFAULTS.schedule
+          ) -> float:
     """Learning rate of optimizer step `step` (0-based) of `total`.
 
     constant: base_lr (the paper). cosine: 5% linear warm-up, cosine to 0.
