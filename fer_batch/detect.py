@@ -92,18 +92,24 @@ def verify_faces(gray: np.ndarray, boxes: np.ndarray, verifier: cv2.CascadeClass
     return boxes[keep]
 
 
-def finish_boxes(xywh: np.ndarray, width: int, height: int, min_face: int = 0) -> np.ndarray:
+def finish_boxes(xywh: np.ndarray, width: int, height: int, min_face: int = 0,
+                 rolls: np.ndarray | None = None):
     """Float boxes (n, 4) x, y, w, h in original pixels -> the detectors' contract: int32,
-    clipped to the frame, sides >= min_face, sorted top-to-bottom then left-to-right."""
+    clipped to the frame, sides >= min_face, sorted top-to-bottom then left-to-right.
+    rolls: each face's roll (n,) degrees (``eye_roll``), kept and ordered with its box:
+    then (boxes, rolls) float32 is returned."""
     boxes = np.round(np.asarray(xywh, np.float64).reshape(-1, 4)).astype(np.int64)
-    if min_face:
-        boxes = boxes[np.minimum(boxes[:, 2], boxes[:, 3]) >= min_face]
+    with_rolls = rolls is not None
+    rolls = np.asarray(rolls, np.float64) if with_rolls else np.zeros(len(boxes))
+    keep = np.minimum(boxes[:, 2], boxes[:, 3]) >= min_face
+    boxes, rolls = boxes[keep], rolls[keep]
     x0 = np.clip(boxes[:, 0], 0, width - 1)
     y0 = np.clip(boxes[:, 1], 0, height - 1)
     x1 = np.clip(boxes[:, 0] + boxes[:, 2], x0 + 1, width)
     y1 = np.clip(boxes[:, 1] + boxes[:, 3], y0 + 1, height)
     boxes = np.stack([x0, y0, x1 - x0, y1 - y0], axis=1).astype(np.int32)
-    return boxes[np.lexsort((boxes[:, 0], boxes[:, 1]))]
+    order = np.lexsort((boxes[:, 0], boxes[:, 1]))
+    return (boxes[order], rolls[order].astype(np.float32)) if with_rolls else boxes[order]
 
 
 def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
@@ -257,10 +263,13 @@ def centerface_input(gray: np.ndarray, max_side: int, min_face: int = 0
 
 
 def decode_centerface(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray,
-                      threshold: float) -> tuple[np.ndarray, np.ndarray]:
+                      threshold: float, landmarks: np.ndarray | None = None):
     """CenterFace's output maps -> (boxes (n, 4) float64 x, y, w, h in network-input pixels,
     scores (n,) float64), before NMS. heatmap: (1, 1, h, w); scale, offset: (1, 2, h, w),
-    channel 0 = y / height, 1 = x / width (log of the side / CENTERFACE_STRIDE for scale)."""
+    channel 0 = y / height, 1 = x / width (log of the side / CENTERFACE_STRIDE for scale).
+    landmarks: the fourth output (1, 10, h, w), point j at channels 2j (y) and 2j + 1 (x) as
+    fractions of the box from its top-left corner; given, each face's roll (``eye_roll``
+    of points 0 and 1, the eyes) is returned too: (boxes, scores, rolls (n,) degrees)."""
     rows, cols = np.nonzero(heatmap[0, 0] > threshold)
     s = CENTERFACE_STRIDE
     bh = np.exp(scale[0, 0, rows, cols].astype(np.float64)) * s
@@ -268,7 +277,23 @@ def decode_centerface(heatmap: np.ndarray, scale: np.ndarray, offset: np.ndarray
     cy = (rows + offset[0, 0, rows, cols] + 0.5) * s
     cx = (cols + offset[0, 1, rows, cols] + 0.5) * s
     boxes = np.stack([cx - bw / 2, cy - bh / 2, bw, bh], axis=1)
-    return boxes, heatmap[0, 0, rows, cols].astype(np.float64)
+    scores = heatmap[0, 0, rows, cols].astype(np.float64)
+    if landmarks is None:
+        return boxes, scores
+    lm = landmarks[0][:4, rows, cols].astype(np.float64)  # the eyes: y0, x0, y1, x1
+    eyes = np.stack([lm[1] * bw, lm[0] * bh, lm[3] * bw, lm[2] * bh], axis=1)
+    return boxes, scores, eye_roll(eyes)
+
+
+def eye_roll(eyes: np.ndarray) -> np.ndarray:
+    """The roll of each face, degrees: the angle of the line from the eye on the image's left
+    to the other, positive when that line goes down to the right (y grows downwards).
+    eyes: (n, 4) x0, y0, x1, y1 (any origin) -> (n,) float64."""
+    eyes = np.asarray(eyes, np.float64).reshape(-1, 4)
+    dx, dy = eyes[:, 2] - eyes[:, 0], eyes[:, 3] - eyes[:, 1]
+    flip = dx < 0  # the points in the other order: the same line
+    dx, dy = np.where(flip, -dx, dx), np.where(flip, -dy, dy)
+    return np.degrees(np.arctan2(dy, dx))
 
 
 def haar_framing(boxes: np.ndarray) -> np.ndarray:
@@ -285,7 +310,7 @@ def detect_centerface(gray: np.ndarray, session, *,
                       max_side: int = ANNOTATE_DEFAULTS.centerface_max_side,
                       threshold: float = ANNOTATE_DEFAULTS.centerface_threshold,
                       min_face: int = ANNOTATE_DEFAULTS.min_face,
-                      raw: bool = False) -> np.ndarray:
+                      raw: bool = False, rolls: bool = False):
     """CenterFace faces in one frame.
 
     Parameters
@@ -297,30 +322,40 @@ def detect_centerface(gray: np.ndarray, session, *,
     min_face: smallest face side in original pixels (after the Haar framing); the copy is
         also no larger than such a face needs (``centerface_scale``).
     raw: return CenterFace's own boxes, without the Haar framing (for measuring it).
+    rolls: also return each face's roll from its eye landmarks (``eye_roll``).
 
     Returns
     -------
     boxes: np.ndarray, shape = (n, 4), int32: x, y, w, h in original pixels, framed like
-    Haar boxes, clipped to the frame, sorted top-to-bottom then left-to-right.
+    Haar boxes, clipped to the frame, sorted top-to-bottom then left-to-right; with rolls,
+    (boxes, rolls (n,) float32 degrees).
     """
     blob, scale = centerface_input(gray, max_side, min_face)
-    heatmap, sizes, offset, _ = session.run(list(CENTERFACE_OUTPUTS), {"input.1": blob})
-    boxes, scores = decode_centerface(heatmap, sizes, offset, threshold)
+    heatmap, sizes, offset, landmarks = session.run(list(CENTERFACE_OUTPUTS), {"input.1": blob})
+    if not rolls:
+        boxes, scores = decode_centerface(heatmap, sizes, offset, threshold)
+        return centerface_boxes(boxes, scores, scale, gray.shape, threshold=threshold,
+                                min_face=min_face, raw=raw)
+    boxes, scores, roll = decode_centerface(heatmap, sizes, offset, threshold, landmarks)
     return centerface_boxes(boxes, scores, scale, gray.shape, threshold=threshold,
-                            min_face=min_face, raw=raw)
+                            min_face=min_face, raw=raw, rolls=roll)
 
 
 def centerface_boxes(boxes: np.ndarray, scores: np.ndarray, scale: float, shape, *,
-                     threshold: float, min_face: int, raw: bool = False) -> np.ndarray:
+                     threshold: float, min_face: int, raw: bool = False,
+                     rolls: np.ndarray | None = None):
     """``decode_centerface``'s candidates in one frame -> its face boxes (the detectors'
     contract): non-maximum suppression, back to the frame's pixels (shape = (h, w)), the
     Haar framing (unless raw), clipped, sides >= min_face. The CPU path and the GPU pool's
-    croppers finish the same way."""
+    croppers finish the same way. rolls: the candidates' rolls, kept with their boxes: then
+    (boxes, rolls) is returned (finish_boxes)."""
     if len(boxes):
-        keep = cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), threshold, CENTERFACE_NMS_IOU)
-        boxes = boxes[np.asarray(keep, np.int64).reshape(-1)] / scale
+        keep = np.asarray(cv2.dnn.NMSBoxes(boxes.tolist(), scores.tolist(), threshold,
+                                           CENTERFACE_NMS_IOU), np.int64).reshape(-1)
+        boxes = boxes[keep] / scale
+        rolls = None if rolls is None else np.asarray(rolls)[keep]
     h, w = shape[:2]
-    return finish_boxes(boxes if raw else haar_framing(boxes), w, h, min_face)
+    return finish_boxes(boxes if raw else haar_framing(boxes), w, h, min_face, rolls)
 
 
 class CenterFaceDetector:

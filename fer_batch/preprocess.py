@@ -27,6 +27,7 @@ from fer_batch.detect import load_detector
 CANNY_THRESHOLDS = (100, 200)  # OpenCV tutorial defaults; used for the optional edge channel
 CHANNELS = tuple(TRAIN_DEFAULTS.channels.split(","))  # the default model input planes
 FRAMES_PER_YIELD = 16  # video frames per output batch: bounds memory on long videos
+MIN_ROLL_DEG = 2.0  # --align eyes: faces rolled less than this are cut as they are
 POOL_CHUNK = 16  # sampled frames held for one call to the GPU pool's detector (--detect-on pool)
 
 
@@ -53,15 +54,43 @@ def expand_boxes(boxes: np.ndarray, margin: float, width: int, height: int) -> n
 
 
 def crop_faces(gray: np.ndarray, boxes: np.ndarray, size: int = FACE_SIZE,
-               margin: float = 0.0) -> np.ndarray:
+               margin: float = 0.0, rolls: np.ndarray | None = None) -> np.ndarray:
     """The one crop function of training (--detect-faces) and annotation: each box grown by
-    `margin` (see expand_boxes), cut out and resized to size x size.
+    `margin` (see expand_boxes), cut out and resized to size x size. rolls: each face's
+    roll in degrees (detect.eye_roll; --align eyes): a face rolled by more than MIN_ROLL_DEG
+    is first turned upright about its box's centre (``level_face``), then cut the same way.
     Returns shape = (n, size, size), uint8."""
-    boxes = expand_boxes(boxes, margin, gray.shape[1], gray.shape[0])
-    out = np.empty((len(boxes), size, size), np.uint8)
-    for i, (x, y, w, h) in enumerate(boxes):
-        out[i] = cv2.resize(gray[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_AREA)
+    grown = expand_boxes(boxes, margin, gray.shape[1], gray.shape[0])
+    out = np.empty((len(grown), size, size), np.uint8)
+    for i, (x, y, w, h) in enumerate(grown):
+        if rolls is not None and abs(rolls[i]) > MIN_ROLL_DEG:
+            out[i] = level_face(gray, boxes[i], margin, float(rolls[i]), size)
+        else:
+            out[i] = cv2.resize(gray[y:y + h, x:x + w], (size, size),
+                                interpolation=cv2.INTER_AREA)
     return out
+
+
+def level_face(gray: np.ndarray, box, margin: float, roll: float, size: int) -> np.ndarray:
+    """The face in `box` turned by -roll degrees about the box's centre (its eyes level),
+    cut like crop_faces cuts an upright face: the box grown by `margin`, resized to size x
+    size with INTER_AREA. The turn runs on a patch around the face at full resolution
+    (edges replicated where the patch leaves the frame), so a large face is not aliased."""
+    x, y, w, h = (float(v) for v in box)
+    cx, cy = x + w / 2, y + h / 2
+    gw, gh = w * (1 + 2 * margin), h * (1 + 2 * margin)  # the grown box, unclipped
+    half = int(np.ceil(np.hypot(gw, gh) / 2)) + 1  # holds the turned box's corners
+    x0, y0 = int(np.floor(cx)) - half, int(np.floor(cy)) - half
+    patch = cv2.copyMakeBorder(
+        gray[max(0, y0):max(0, y0 + 2 * half), max(0, x0):max(0, x0 + 2 * half)],
+        max(0, -y0), max(0, y0 + 2 * half - gray.shape[0]),
+        max(0, -x0), max(0, x0 + 2 * half - gray.shape[1]), cv2.BORDER_REPLICATE)
+    turn = cv2.getRotationMatrix2D((cx - x0, cy - y0), roll, 1.0)  # positive: anticlockwise
+    upright = cv2.warpAffine(patch, turn, (patch.shape[1], patch.shape[0]),
+                             flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    u0, v0 = int(round(cx - x0 - gw / 2)), int(round(cy - y0 - gh / 2))
+    face = upright[v0:v0 + int(round(gh)), u0:u0 + int(round(gw))]
+    return cv2.resize(face, (size, size), interpolation=cv2.INTER_AREA)
 
 
 def prepare_faces(crops: np.ndarray, channels=CHANNELS, size: int = FACE_SIZE) -> np.ndarray:
