@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from fer_batch.config import DETECTORS, AnnotateConfig, TrainConfig
+from fer_batch.config import ALIGNS, DETECTORS, AnnotateConfig, TrainConfig
 
 EXIT_USAGE = 2  # bad arguments, missing model, unreadable source
 EXIT_FAILED = 1  # the run itself failed
@@ -101,6 +101,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--detector", choices=DETECTORS,
                    default=AnnotateConfig.detector, help="face detector of --detect-faces "
                    "(default: annotate's)")
+    p.add_argument("--align", choices=ALIGNS, default=None, help="level each face by its "
+                   "eyes (eyes) or cut it as found (none) with --detect-faces (default: the "
+                   "checkpoint's, as annotate uses)")
     p.add_argument("--flip-average", action=argparse.BooleanOptionalAction,
                    default=AnnotateConfig.flip_average, help="average each face's "
                    "probabilities with its mirror image's, as annotate does")
@@ -200,6 +203,7 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
     runs.Output(cfg.output, cfg.endpoint_url).check_ours()
     _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
     sink.check_class_names(meta["classes"], cfg.model)
+    pipeline.check_geometry(cfg, meta)
     return meta
 
 
@@ -294,7 +298,7 @@ def _small_command(args) -> int:
                                                args.endpoint_url, detect_faces=args.detect_faces,
                                                crop_margin=args.crop_margin,
                                                flip_average=args.flip_average,
-                                               detector=args.detector)
+                                               detector=args.detector, align=args.align)
             print(json.dumps({k: metrics.get(k) for k in ("accuracy", "macro_f1", "n")}))
         elif args.command == "report":
             print(report.write_report(args.output, args.html))

@@ -19,8 +19,10 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
 DETECTORS = ("centerface", "haar")  # --detector choices (fer_batch/detect.py)
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes preprocess.prepare_faces can make
+ALIGNS = ("none", "eyes")  # --align: faces cut as found, or levelled by their eyes first
 STEMS = ("imagenet", "small")  # the model's conv1 variants (--stem, model.FaceNet)
 LEGACY_CROP_MARGIN = 0.0  # what a checkpoint written before crop_margin existed was cut with
+LEGACY_ALIGN = "none"  # and how one written before align existed
 
 
 def opt(default, help: str, group: str = "general", **kw):
@@ -180,14 +182,20 @@ class TrainConfig:
     test_data: Optional[str] = opt(None, "Held-out labeled folder used as the test set (e.g. "
                                    "FER2013's val) instead of a split of DATA.", "data")
     output: str = opt("fer-model", "Output folder: model.pt, metrics.json, plots.", "data")
-    detect_faces: bool = opt(False, "Run the Haar cascade on training images and train on "
-                             "the largest face (off: images are already face crops, like CK+48).",
-                             "data")
+    detect_faces: bool = opt(False, "Find faces in training images with annotate's default "
+                             "detector and train on the largest, cut as annotate cuts it (off: "
+                             "images are already face crops, like CK+48).", "data")
     crop_margin: float = opt(0.1, "Margin added around each Haar box, as a fraction of its "
                              "side, before the 48x48 crop. Stored in the checkpoint: annotate "
                              "crops faces the same way (and --detect-faces here). 0.1 = how "
                              "FER2013 and CK+48 crops are framed around a Haar box "
                              "(experiments/framing.py: 0.098 and 0.093).", "data")
+    align: str = opt("none", "eyes: turn each face upright by the line through its eyes "
+                     "(CenterFace's landmarks; faces rolled over 2 degrees) before the crop; "
+                     "none: cut the box as found. Stored in the checkpoint beside "
+                     "--crop-margin: annotate and evaluate --detect-faces cut faces the same "
+                     "way. On JAFFE and the faceapi photos eyes measured no better than none "
+                     "(RESULTS.md), so none is the default.", "data", choices=ALIGNS)
     endpoint_url: Optional[str] = opt(None, "S3 endpoint for S3-compatible stores.", "data")
 
     # --- split

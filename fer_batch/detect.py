@@ -151,7 +151,8 @@ def detect_faces(gray: np.ndarray, cascade: cv2.CascadeClassifier, *,
 
 class HaarDetector:
     """detect(gray (h, w) uint8) -> boxes (n, 4) int32: ``detect_faces`` with fixed settings.
-    The cascade and the settings are fixed at construction (``DetectorSettings``)."""
+    The cascade and the settings are fixed at construction (``DetectorSettings``).
+    Every detector also has ``faces(gray) -> (boxes, rolls)`` for --align eyes."""
 
     name = "haar"
 
@@ -164,6 +165,11 @@ class HaarDetector:
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         return detect_faces(gray, self.cascade, **self.kw)
+
+    def faces(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes, rolls): the cascade finds no landmarks, so every roll is 0 (upright)."""
+        boxes = self(gray)
+        return boxes, np.zeros(len(boxes), np.float32)
 
 
 # --- CenterFace (CNN) on ONNX Runtime
@@ -371,6 +377,10 @@ class CenterFaceDetector:
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
         return detect_centerface(gray, self.session, **self.kw)
+
+    def faces(self, gray: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(boxes, rolls (n,) float32 degrees from the eye landmarks, ``eye_roll``)."""
+        return detect_centerface(gray, self.session, rolls=True, **self.kw)
 
 
 def load_detector(settings: DetectorSettings | str = DetectorSettings()):

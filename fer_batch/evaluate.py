@@ -21,7 +21,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support  #
 
 HEADLINE = ("accuracy", "macro_precision", "macro_recall", "macro_f1")  # the paper's Table II
 from fer_batch import storage  # noqa: E402
-from fer_batch.config import ANNOTATE_DEFAULTS  # noqa: E402
+from fer_batch.config import ANNOTATE_DEFAULTS, TRAIN_DEFAULTS  # noqa: E402
 
 PREDICT_BATCH = ANNOTATE_DEFAULTS.batch_size  # faces per forward pass when scoring
 
@@ -213,7 +213,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
                     endpoint_url: str | None = None, detect_faces: bool = False,
                     crop_margin: float | None = None,
                     flip_average: bool = ANNOTATE_DEFAULTS.flip_average,
-                    detector: str = ANNOTATE_DEFAULTS.detector) -> dict:
+                    detector: str = ANNOTATE_DEFAULTS.detector,
+                    align: str | None = None) -> dict:
     """Score a checkpoint on a labeled folder (one subfolder per class).
 
     Classes are matched by name. Images of classes the model lacks (e.g. JAFFE's
@@ -231,6 +232,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
         annotate crops it (labeled.load_faces).
     crop_margin: margin around the face box (None = the checkpoint's, as annotate uses).
     detector: the face detector of --detect-faces (default: annotate's).
+    align: level faces by their eyes before the crop, "eyes" or "none" (None = the
+        checkpoint's, as annotate uses).
     flip_average: average with the mirror image, as annotate does by default (training's
         own test metrics do not: the paper's protocol).
 
@@ -242,13 +245,14 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     reliability; temperature: the checkpoint's, applied).
     """
     from fer_batch import calibrate, infer
-    from fer_batch.model import crop_margin_of, load_checkpoint
+    from fer_batch.model import align_of, crop_margin_of, load_checkpoint
 
     model, meta = load_checkpoint(model_path, endpoint_url)
     model = model.to(infer.pick_device())  # the GPU where there is one
     temperature = infer.temperature_of(meta)
     margin = float(crop_margin_of(meta)) if crop_margin is None else crop_margin
-    got = labeled_faces(data, meta, endpoint_url, detect_faces, margin, detector)
+    align = align_of(meta) if align is None else align
+    got = labeled_faces(data, meta, endpoint_url, detect_faces, margin, detector, align)
     classes, y_true = got["classes"], got["y_true"]
     probs = infer.predict(model, got["faces"], batch_size=PREDICT_BATCH, progress=True,
                           flip_average=flip_average, temperature=temperature)
@@ -259,6 +263,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     metrics.update(data=data, model=model_path, model_id=meta.get("model_id"),
                    excluded_classes=got["excluded"], missing_classes=got["missing"],
                    skipped=got["skipped"], detect_faces=detect_faces, crop_margin=margin,
+                   align=align if detect_faces else None,
                    flip_average=flip_average, detector=detector if detect_faces else None)
     print_summary(data, metrics, classes)
     if output:
@@ -270,7 +275,7 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
 
 
 def labeled_faces(data: str, meta: dict, endpoint_url: str | None, detect_faces: bool,
-                  margin: float, detector: str) -> dict:
+                  margin: float, detector: str, align: str = TRAIN_DEFAULTS.align) -> dict:
     """The faces of a labeled folder as the checkpoint (meta) reads them, for the classes it
     shares with the model: dict(classes (the model's, canonical), faces (n, C, s, s) uint8,
     y_true, paths, excluded {data class: images left out}, missing (model classes without
@@ -290,7 +295,7 @@ def labeled_faces(data: str, meta: dict, endpoint_url: str | None, detect_faces:
     faces, ok, skipped = labeled.load_faces(
         [(data, paths[i]) for i in keep], detect_faces, endpoint_url,
         tuple(meta["input"]["channels"]), int(meta["input"]["size"]), margin, bar.update,
-        detector)
+        detector, align)
     bar.close()
     keep = [i for i, good in zip(keep, ok) if good]
     return dict(classes=classes, faces=faces, paths=[paths[i] for i in keep],

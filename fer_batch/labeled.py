@@ -88,14 +88,14 @@ def list_many(folders, endpoint_url: str | None = None):
 def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = None,
                channels=preprocess.CHANNELS, size: int = FACE_SIZE,
                crop_margin: float = TRAIN_DEFAULTS.crop_margin, progress=None,
-               detector: str = ANNOTATE_DEFAULTS.detector):
+               detector: str = ANNOTATE_DEFAULTS.detector, align: str = TRAIN_DEFAULTS.align):
     """Decode and prepare labeled images: the same pixels ``annotate`` feeds the model.
 
     items: (folder, relative path) pairs. With detect_faces the largest face found by
-    `detector` (haar: the paper's cascade, training's; centerface: annotate's default; both
-    with annotate's settings) is cut out by ``preprocess.crop_faces`` with crop_margin: the crop
-    annotate makes of that face; the whole image when no face is found. Without it the
-    image is taken as a ready-made face crop (CK+48, FER2013).
+    `detector` (centerface: annotate's default; haar: the paper's cascade; both with
+    annotate's settings) is cut out by ``preprocess.crop_faces`` with crop_margin and align:
+    the crop annotate makes of that face; the whole image when no face is found. Without it
+    the image is taken as a ready-made face crop (CK+48, FER2013).
 
     Returns (faces np.ndarray shape = (n_ok, C, size, size) uint8, ok bool mask over items,
     skipped [{path, error}]). A file that cannot be read or decoded is skipped, not fatal.
@@ -108,7 +108,8 @@ def load_faces(items, detect_faces: bool = False, endpoint_url: str | None = Non
             gray = decode.decode_image(storage.read_bytes(f"{folder.rstrip('/')}/{rel}",
                                                           endpoint_url))
             if find is not None:
-                gray = preprocess.largest_face(gray, find, margin=crop_margin, size=size)
+                gray = preprocess.largest_face(gray, find, margin=crop_margin, size=size,
+                                               align=align)
             crops.append(preprocess.prepare_faces(gray[None], channels, size)[0])
             ok.append(True)
         except (decode.DecodeError, OSError, ValueError) as e:

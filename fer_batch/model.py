@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from fer_batch.config import (CHANNEL_NAMES, DEFAULT_MODEL, DEFAULT_MODEL_NAME, FACE_SIZE,
-                              LEGACY_CROP_MARGIN, STEMS, TRAIN_DEFAULTS)
+from fer_batch.config import (ALIGNS, CHANNEL_NAMES, DEFAULT_MODEL, DEFAULT_MODEL_NAME,
+                              FACE_SIZE, LEGACY_ALIGN, LEGACY_CROP_MARGIN, STEMS,
+                              TRAIN_DEFAULTS)
 EMOTIONS = ("anger", "contempt", "disgust", "fear", "happiness", "sadness", "surprise")  # CK+
 FORMAT = "fer-batch/1"
 ARCH = "resnet50"
@@ -112,8 +113,9 @@ def weights_id(state_dict: dict) -> str:
 
 def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, channels,
                     face_size: int = FACE_SIZE, crop_margin: float = LEGACY_CROP_MARGIN,
-                    train_config: dict | None = None, data: dict | None = None,
-                    metrics: dict | None = None, calibration: dict | None = None) -> str:
+                    align: str = LEGACY_ALIGN, train_config: dict | None = None,
+                    data: dict | None = None, metrics: dict | None = None,
+                    calibration: dict | None = None) -> str:
     """Write the checkpoint (see module docstring). Returns its model_id."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     ckpt = {
@@ -125,7 +127,7 @@ def save_checkpoint(path_or_file, model: FaceNet, *, classes, model_args: dict, 
                   "mean": INPUT_MEAN, "std": INPUT_STD, "dtype": "uint8"},
         "preprocessing": {"face_size": face_size, "channels": list(channels),
                           "equalize": "cv2.equalizeHist per crop", "interpolation": "area",
-                          "crop_margin": float(crop_margin)},
+                          "crop_margin": float(crop_margin), "align": align},
         "state_dict": state,
         "model_id": weights_id(state),
         "train_config": _plain(train_config or {}),
@@ -201,6 +203,11 @@ def crop_margin_of(meta: dict) -> float:
     return meta["preprocessing"].get("crop_margin", LEGACY_CROP_MARGIN)
 
 
+def align_of(meta: dict) -> str:
+    """How a checkpoint's faces are levelled before the crop (--align; older: none)."""
+    return meta["preprocessing"].get("align", LEGACY_ALIGN)
+
+
 def _bad(name: str, what: str) -> CheckpointError:
     return CheckpointError(f"{name}: damaged or hand-edited checkpoint: {what}. Write "
                            "checkpoints with `fer-batch train` (or model.save_checkpoint).")
@@ -258,6 +265,9 @@ def check_checkpoint(ckpt: dict, name: str = "checkpoint") -> None:
     if not _is_int(args["in_channels"]) or args["in_channels"] != len(channels):
         raise _bad(name, f"model_args in_channels {args['in_channels']!r} for "
                          f"{len(channels)} input channel(s) {channels}")
+    if align_of(ckpt) not in ALIGNS:
+        raise _bad(name, f"preprocessing align {align_of(ckpt)!r:.50}; known: "
+                         f"{', '.join(ALIGNS)}")
     margin = crop_margin_of(ckpt)
     if not _is_number(margin) or not 0 <= margin <= MAX_CROP_MARGIN:
         raise _bad(name, f"preprocessing crop_margin {margin!r} outside 0..{MAX_CROP_MARGIN}")

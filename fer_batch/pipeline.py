@@ -31,7 +31,7 @@ from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
-from fer_batch.model import crop_margin_of, load_checkpoint
+from fer_batch.model import align_of, crop_margin_of, load_checkpoint
 from fer_batch.preprocess import FaceCropper
 
 IMAGES_PER_UNIT = ANNOTATE_DEFAULTS.images_per_task  # per-task overhead amortised over many
@@ -82,6 +82,20 @@ def check_config(cfg: AnnotateConfig) -> None:
     if cfg.detect_on == "pool" and cfg.detector != "centerface":
         raise ConfigError("--detect-on pool runs CenterFace: use --detector centerface, or "
                           "--detect-on cpu")
+
+
+def check_geometry(cfg: AnnotateConfig, meta: dict) -> None:
+    """The model's crop geometry must be one these options can cut: a model whose faces are
+    levelled by their eyes (align eyes) needs CenterFace's landmarks, which the croppers'
+    CenterFace gives and the GPU detector pool does not (yet). Raises ConfigError."""
+    if align_of(meta) != "eyes":
+        return
+    if cfg.detector != "centerface":
+        raise ConfigError(f"{cfg.model} levels faces by their eyes (align eyes), which needs "
+                          "CenterFace's landmarks: use --detector centerface")
+    if cfg.detect_on == "pool":
+        raise ConfigError(f"{cfg.model} levels faces by their eyes (align eyes); the GPU "
+                          "detector pool gives no landmarks: use --detect-on cpu or auto")
 
 
 def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[dict]:
@@ -145,8 +159,10 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
         check_config(cfg)
         _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
         sink.check_class_names(meta["classes"], cfg.model)
+        check_geometry(cfg, meta)
     classes, model_id = meta["classes"], meta["model_id"]
-    spec = dict(meta["input"], crop_margin=float(crop_margin_of(meta)))  # input and framing
+    spec = dict(meta["input"], crop_margin=float(crop_margin_of(meta)),  # input and framing
+                align=align_of(meta))
 
     out = runs.Output(cfg.output, cfg.endpoint_url)
     run_id = runs.new_run_id()
@@ -267,7 +283,8 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
     use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and n_gpu > 0)
     crop_actors = cfg.preprocess_actors or max(1, n_cpu)
     infer_actors = cfg.infer_actors or (max(1, n_gpu) if use_gpu else 1)
-    pool = start_detector_pool(cfg, use_gpu, n_gpu) if detect_in_pool(cfg, use_gpu) else None
+    pool = start_detector_pool(cfg, use_gpu, n_gpu) \
+        if detect_in_pool(cfg, use_gpu) and spec["align"] != "eyes" else None
     ledger = AttemptLedger.remote()
     units = work_units(todo, cfg.images_per_task)
     every_n = 1 if cfg.all_frames else cfg.every_n_frames
@@ -287,7 +304,7 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                                       max_tasks_in_flight_per_actor=1),
             fn_constructor_kwargs=dict(
                 face_size=spec["size"], channels=tuple(spec["channels"]),
-                crop_margin=spec["crop_margin"],
+                crop_margin=spec["crop_margin"], align=spec["align"],
                 detection=DetectorSettings.of(cfg), sample_fps=cfg.sample_fps,
                 every_n_frames=every_n, decode_threads=cfg.decode_threads, pool=pool,
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,

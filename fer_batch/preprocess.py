@@ -121,14 +121,15 @@ def prepare_faces(crops: np.ndarray, channels=CHANNELS, size: int = FACE_SIZE) -
     return out
 
 
-def largest_face(gray: np.ndarray, detect, *, margin: float = 0.0,
-                 size: int = FACE_SIZE) -> np.ndarray:
+def largest_face(gray: np.ndarray, detect, *, margin: float = 0.0, size: int = FACE_SIZE,
+                 align: str = TRAIN_DEFAULTS.align) -> np.ndarray:
     """The largest face found by detect (a detector of detect.py) cut out by ``crop_faces``
-    (same margin and size as annotate), or the whole image when none is found."""
-    boxes = detect(gray)
+    (same margin, size and alignment as annotate), or the whole image when none is found."""
+    boxes, rolls = detect.faces(gray) if align == "eyes" else (detect(gray), None)
     if len(boxes) == 0:
         return gray
-    return crop_faces(gray, boxes[[np.argmax(boxes[:, 2] * boxes[:, 3])]], size, margin)[0]
+    i = [int(np.argmax(boxes[:, 2] * boxes[:, 3]))]
+    return crop_faces(gray, boxes[i], size, margin, None if rolls is None else rolls[i])[0]
 
 
 def face_rows(uri: str, media_type: str, found: list, channels=CHANNELS,
@@ -216,14 +217,18 @@ class FaceCropper:
                  max_image_bytes: int = ANNOTATE_DEFAULTS.max_image_bytes,
                  endpoint_url: str | None = None, attempts=None,
                  max_attempts: int = ANNOTATE_DEFAULTS.max_file_retries + 1,
-                 crop_margin: float = TRAIN_DEFAULTS.crop_margin, pool=None):
-        """Defaults are the CLI's (config.py); crop_margin comes from the checkpoint. pool:
-        detection in the GPU pool (--detect-on pool), a callable [gray frames] -> [boxes]
-        (detect_torch.PoolDetector); None = detect here with `detection`'s detector."""
+                 crop_margin: float = TRAIN_DEFAULTS.crop_margin,
+                 align: str = TRAIN_DEFAULTS.align, pool=None):
+        """Defaults are the CLI's (config.py); crop_margin and align come from the checkpoint.
+        pool: detection in the GPU pool (--detect-on pool), a callable [gray frames] ->
+        [boxes] (detect_torch.PoolDetector); None = detect here with `detection`'s detector.
+        align "eyes" needs a detector with landmarks here (pipeline.check_geometry)."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
         # here: gray (h, w) uint8 -> boxes (n, 4) int32; in the pool: frames wait for a call
         self.detector = load_detector(detection) if pool is None else None
-        self.detect_many = pool or self._detect_here
+        self.align = align == "eyes"  # faces levelled by their eyes before the crop
+        self.detect_many = (lambda grays: [(b, None) for b in pool(grays)]) if pool \
+            else self._detect_here  # [gray] -> [(boxes, rolls or None)]
         self.chunk = 1 if pool is None else POOL_CHUNK
         self.face_size, self.channels = face_size, tuple(channels)
         self.crop_margin = crop_margin  # the checkpoint's framing (crop_faces)
@@ -300,10 +305,10 @@ class FaceCropper:
         """Face rows of one image (none without faces); fills done's counts."""
         gray = decode.decode_image(storage.read_bytes(entry["uri"], self.endpoint_url,
                                                       self.max_image_bytes), self.max_pixels)
-        boxes = self.detect_many([gray])[0]
+        boxes, rolls = self.detect_many([gray])[0]
         done.update(frames=1, faces=len(boxes))
         if len(boxes):
-            crops = crop_faces(gray, boxes, self.face_size, self.crop_margin)
+            crops = crop_faces(gray, boxes, self.face_size, self.crop_margin, rolls)
             yield face_rows(entry["uri"], "image", [(0, None, crops, boxes)], self.channels,
                             self.face_size)
 
@@ -338,15 +343,18 @@ class FaceCropper:
             yield face_rows(entry["uri"], "video", found, self.channels, self.face_size)
 
     def _detect_here(self, grays: list) -> list:
-        return [self.detector(g) for g in grays]
+        if self.align:
+            return [self.detector.faces(g) for g in grays]
+        return [(self.detector(g), None) for g in grays]
 
     def _detect_held(self, held: list, found: list, done: dict) -> None:
         """Detect faces in the held (index, ts, gray) frames and crop them: found gets
         (index, ts, crops, boxes) per frame with faces; only 48x48 crops outlive a frame."""
-        for (index, ts, gray), boxes in zip(held, self.detect_many([g for _, _, g in held])):
+        for (index, ts, gray), (boxes, rolls) in zip(held,
+                                                     self.detect_many([g for _, _, g in held])):
             if len(boxes):
                 found.append((index, ts, crop_faces(gray, boxes, self.face_size,
-                                                    self.crop_margin), boxes))
+                                                    self.crop_margin, rolls), boxes))
                 done["faces"] += len(boxes)
         held.clear()
 

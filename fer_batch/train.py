@@ -168,7 +168,8 @@ def _load(cfg: TrainConfig, items, labels, classes, channels):
     from fer_batch.console import progress_bar
     bar = progress_bar(len(items), "loading faces", "image")
     faces, ok, skipped = labeled.load_faces(items, cfg.detect_faces, cfg.endpoint_url,
-                                            channels, FACE_SIZE, cfg.crop_margin, bar.update)
+                                            channels, FACE_SIZE, cfg.crop_margin, bar.update,
+                                            align=cfg.align)
     bar.close()
     for s in skipped:
         print(f"skipping unreadable image {s['path']}: {s['error']}", flush=True)
@@ -302,7 +303,7 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
                    subjects=len(set(groups)) if groups is not None else None)
     m["model_id"] = save_checkpoint(
         os.path.join(out, "model.pt"), net, classes=classes, model_args=model_args,
-        channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin,
+        channels=channels, face_size=FACE_SIZE, crop_margin=cfg.crop_margin, align=cfg.align,
         train_config=dataclasses.asdict(cfg), data=summary, calibration=calibration,
         metrics={key: m[key] for key in evaluate.HEADLINE + ("n_train", "n_test")})
     m["wall_seconds"] = time.perf_counter() - t_start
