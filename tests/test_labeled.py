@@ -53,21 +53,28 @@ def test_expand_boxes_grows_and_clips():
     assert preprocess.expand_boxes(boxes, 0.0, 35, 100).tolist() == boxes.tolist()
 
 
-@pytest.mark.parametrize("margin", [0.0, 0.2])
-def test_training_and_annotation_crop_a_face_identically(tmp_path, margin):
+@pytest.mark.parametrize("margin, detector", [(0.0, "haar"), (0.2, "haar"),
+                                              (0.1, "centerface")])
+def test_training_and_annotation_crop_a_face_identically(tmp_path, margin, detector):
     """labeled.load_faces(detect_faces=True) (training and evaluate --detect-faces) and the
-    annotate actor (FaceCropper with the CLI's Haar settings) give the same model input."""
+    annotate actor (FaceCropper with the CLI's settings of that detector) give the same
+    model input; both take annotate's default detector when none is named."""
     ok, jpg = cv2.imencode(".jpg", face_image())
     (tmp_path / "happy").mkdir()
     path = tmp_path / "happy" / "face.jpg"
     path.write_bytes(jpg.tobytes())
-    cropper = preprocess.FaceCropper(detection=DetectorSettings(detector="haar"),
+    cropper = preprocess.FaceCropper(detection=DetectorSettings(detector=detector),
                                      crop_margin=margin)
     entry = dict(uri=str(path), media_type="image", size_bytes=path.stat().st_size, mtime_ns=1)
     batches = [b for b in cropper.process(entry) if "face" in b]
     annotated = np.concatenate([b["face"][np.asarray(b["kind"]) == "face"] for b in batches])
     assert len(annotated) == 1
     faces, ok_mask, skipped = labeled.load_faces([(str(tmp_path), "happy/face.jpg")],
-                                                 detect_faces=True, crop_margin=margin)
+                                                 detect_faces=True, crop_margin=margin,
+                                                 detector=detector)
     assert ok_mask.all() and not skipped
     assert np.array_equal(faces, annotated)
+    if detector == DetectorSettings().detector:  # the defaults of both: the same detector
+        default, _, _ = labeled.load_faces([(str(tmp_path), "happy/face.jpg")],
+                                           detect_faces=True, crop_margin=margin)
+        assert np.array_equal(default, annotated)
