@@ -19,6 +19,9 @@ DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models
 SHARED_CKPLUS = "../shared/data/ckplus48"  # default labeled folder (CK+48)
 DETECTORS = ("centerface", "haar")  # --detector choices (fer_batch/detect.py)
 CHANNEL_NAMES = ("equalized", "canny")  # the input planes preprocess.prepare_faces can make
+# the expression vocabulary's canonical names (labeled.VOCABULARY): one output column each
+EXPRESSIONS = ("anger", "contempt", "disgust", "fear", "happiness", "neutral", "sadness",
+               "surprise")
 ALIGNS = ("none", "eyes")  # --align: faces cut as found, or levelled by their eyes first
 STEMS = ("imagenet", "small")  # the model's conv1 variants (--stem, model.FaceNet)
 LEGACY_CROP_MARGIN = 0.0  # what a checkpoint written before crop_margin existed was cut with

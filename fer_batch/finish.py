@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -93,9 +94,9 @@ def track(out: Output, run_id: str, classes, *, min_score: float = ANNOTATE_DEFA
     if not out.exists(faces):
         return 0
     ds = pds.dataset(faces, filesystem=out.fs, format="parquet")
-    classes = [c for c in classes if c in ds.schema.names]
+    probs = [c for c in ds.schema.names if c in classes or c == sink.OTHER_CLASSES]
     narrow = ds.to_table(columns=[*sink.FACE_KEY, "timestamp_s", "x", "y", "w", "h",
-                                  "model_id", *classes])  # no crops: stays small
+                                  "model_id", *probs])  # no crops: stays small
     ids, tracks_table = tracks.assign_tracks(narrow, classes, min_score=min_score,
                                              iou_threshold=iou_threshold,
                                              max_gap_s=max_gap_s, smooth_s=smooth_s)
@@ -103,9 +104,10 @@ def track(out: Output, run_id: str, classes, *, min_score: float = ANNOTATE_DEFA
     out.fs.create_dir(tracked, recursive=True)
     for path in ds.files:  # one part at a time: the crops of one part in memory
         part = pq.read_table(path, filesystem=out.fs)
-        names = part.column_names
-        names.insert(names.index("face_index") + 1, "track_id")
-        part = part.join(ids, keys=list(sink.FACE_KEY), join_type="left outer").select(names)
+        # by key, not by a join: Arrow's hash join cannot carry map and list columns
+        at = pc.index_in(_key(part), value_set=_key(ids))
+        part = part.add_column(part.schema.get_field_index("face_index") + 1, "track_id",
+                               pc.take(ids["track_id"], at))
         pq.write_table(part, f"{tracked}/{path.rsplit('/', 1)[1]}", filesystem=out.fs,
                        compression="zstd")
     out.fs.create_dir(f"{stage}/tracks", recursive=True)
@@ -115,3 +117,8 @@ def track(out: Output, run_id: str, classes, *, min_score: float = ANNOTATE_DEFA
     move_dir(out.fs, tracked, faces)
     return tracks_table.num_rows
 
+
+def _key(table: pa.Table) -> pa.ChunkedArray:
+    """One string per face row: its FACE_KEY (source, frame_index, face_index)."""
+    return pc.binary_join_element_wise(*[pc.cast(table[c], pa.string()) for c in sink.FACE_KEY],
+                                       "\x00")

@@ -90,6 +90,8 @@ def _read_latest(out_uri, table: str, sort_keys, endpoint_url, as_pandas, column
         return None if not as_pandas else __import__("pandas").DataFrame()
     latest = read_files(out, runs=runs).select(["source", "run_id"])
     tbl = keep_latest(tbl, latest).sort_by([(k, "ascending") for k in sort_keys])
+    if columns is None:  # runs written before the one layout: their classes moved into it
+        tbl = sink.conform(tbl)
     return tbl.to_pandas() if as_pandas else tbl
 
 
@@ -166,10 +168,12 @@ def labelled_by(files: pa.Table) -> dict[str, str]:
                                      files["model_id"].to_pylist()) if st == "ok"}
 
 
-def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str) -> int:
-    """Stream the rows of run_id in ds whose (source, run_id) is in latest into one Parquet
-    file at dest, batch by batch (memory: one record batch, whatever the table's size).
-    Returns the rows written (0: no file)."""
+def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str,
+                 table: str) -> int:
+    """Stream the rows of run_id in ds (OUT/<table>) whose (source, run_id) is in latest into
+    one Parquet file at dest, batch by batch (memory: one record batch, whatever the table's
+    size), faces and tracks in the one layout (sink.conform). Returns the rows written (0: no
+    file)."""
     writer, n = None, 0
     for batch in ds.to_batches(filter=pc.field("run_id") == run_id, batch_size=8192):
         part = pa.Table.from_batches([batch])
@@ -179,6 +183,8 @@ def _copy_latest(out: Output, ds, run_id: str, latest: pa.Table, dest: str) -> i
         part = part.select([c for c in part.column_names if c != "run_id"])
         if part.num_rows == 0:
             continue
+        if table != "files":  # an older layout's class columns: into the one layout
+            part = sink.conform(part)
         if writer is None:
             out.fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
             writer = pq.ParquetWriter(dest, part.schema, filesystem=out.fs, compression="zstd")
@@ -211,7 +217,8 @@ def compact(out_uri: str, endpoint_url: str | None = None) -> str:
                 continue
             ds = table_dataset(out, table, live)  # one schema (of the rows that stay)
             for old_id in old:
-                n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet")
+                n = _copy_latest(out, ds, old_id, latest, f"{stage}/{table}/part-{old_id}.parquet",
+                                 table)
                 if n:
                     rows[table] = rows.get(table, 0) + n
         last = old[list(old)[-1]]

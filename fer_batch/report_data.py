@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from fer_batch import readers, runs, tracks
+from fer_batch import readers, runs, sink, tracks
 
 BATCH_ROWS = 65_536  # face rows per scanned batch: pass 1 reads ~60 bytes a row, a few MB
 MAX_TIMELINES = 12  # videos with a timeline, most faces first
@@ -87,7 +87,8 @@ def load(out_uri: str, endpoint_url: str | None = None,
     scan = partial(readers.iter_latest, out, runs=manifests, batch_rows=batch_rows)
     d = ReportData(out=out, manifests=manifests,
                    files=readers.read_files(out, runs=manifests).to_pandas(),
-                   classes=[c for c in model_classes(manifests) if c in names],
+                   classes=[c for c in model_classes(manifests)
+                            if c in names or sink.OTHER_CLASSES in names],
                    smooth_s=track_smooth_s(manifests))
     d.faces, d.counts, picks = tally_faces(
         scan("faces", columns=[c for c in TALLY_COLUMNS if c in names]))
@@ -232,7 +233,7 @@ def frame_means(batches, classes, lanes: pd.DataFrame):
     sums, seen = None, []
     keys = lanes[["source", "track_id"]].astype({"track_id": np.float64})
     for tbl in batches:
-        df = tbl.to_pandas()
+        df = with_class_columns(tbl, classes).to_pandas()
         if "track_id" not in df:
             df["track_id"] = np.nan
         grouped = df.astype({c: np.float64 for c in classes}).groupby(["source", "timestamp_s"])
@@ -248,13 +249,26 @@ def frame_means(batches, classes, lanes: pd.DataFrame):
     return means, pd.concat(seen, ignore_index=True).sort_values(["source", "timestamp_s"])
 
 
+def with_class_columns(tbl: pa.Table, classes) -> pa.Table:
+    """tbl with one float32 column per class (sink.probability: its column, or its entry in
+    other_classes), without the map."""
+    for c in classes:
+        if c not in tbl.column_names:
+            tbl = tbl.append_column(c, sink.probability(tbl, c))
+    return tbl.drop_columns([sink.OTHER_CLASSES]) if sink.OTHER_CLASSES in tbl.column_names \
+        else tbl
+
+
 def build_timelines(scan, drawn: pd.Series, classes, names, lanes: pd.DataFrame,
                     n_tracks: dict) -> list[Timeline]:
     """The Timeline of each drawn video (source -> faces, most first), from pass 2 over
     their faces only; scan(table, columns=..., filter=...) streams a table."""
     if drawn.empty:
         return []
-    cols = [c for c in ("timestamp_s", "track_id") if c in names] + list(classes)
+    cols = [c for c in ("timestamp_s", "track_id") if c in names] + \
+        [c for c in classes if c in names]
+    if any(c not in names for c in classes):  # classes outside the vocabulary: in the map
+        cols.append(sink.OTHER_CLASSES)
     per_frame, seen = frame_means(
         scan("faces", columns=cols, filter=pc.field("source").isin(list(drawn.index))),
         classes, lanes)

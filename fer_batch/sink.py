@@ -6,6 +6,13 @@ in one Ray dataset, so each file's status travels with its faces. ``split_batch`
 turns one batch of that stream into a faces table and a files table;
 ``write_tables`` writes them as Parquet into a run's staging folder. The commit
 protocol that makes them visible lives in ``runs``.
+
+One layout for every model: class probabilities go into one float32 column per expression
+of the vocabulary (config.EXPRESSIONS), null where the model lacks the class, and a map
+``other_classes`` for the classes of a model outside the vocabulary. So every run of every
+model writes the same schema, and a plain glob over OUT/faces reads them all
+(docs/output.md). ``probability`` reads one class wherever it is; ``conform`` turns a table
+of an older layout (one column per class of its model) into this one.
 """
 
 from __future__ import annotations
@@ -15,15 +22,22 @@ import uuid
 import cv2
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-FACE_COLUMNS = (  # fixed columns of OUT/faces, before one float32 column per class
+from fer_batch.config import EXPRESSIONS
+
+FACE_COLUMNS = (  # fixed columns of OUT/faces, before the class probabilities
     ("source", pa.string()), ("media_type", pa.string()), ("frame_index", pa.int64()),
     ("timestamp_s", pa.float64()), ("face_index", pa.int32()),
     ("x", pa.int32()), ("y", pa.int32()), ("w", pa.int32()), ("h", pa.int32()),
     ("label", pa.string()), ("score", pa.float32()),
 )
-FACE_TAIL = (("model_id", pa.string()), ("crop_png", pa.binary()))  # after the class columns
+FACE_TAIL = (("model_id", pa.string()), ("crop_png", pa.binary()))  # after the classes
+OTHER_CLASSES = "other_classes"  # class -> probability, for classes outside EXPRESSIONS
+CLASS_COLUMNS = tuple((c, pa.float32()) for c in EXPRESSIONS) + (
+    (OTHER_CLASSES, pa.map_(pa.string(), pa.float32())),)
+FACE_SCHEMA = pa.schema(list(FACE_COLUMNS + CLASS_COLUMNS + FACE_TAIL))  # run_id: partition
 FILE_SCHEMA = pa.schema([
     ("source", pa.string()), ("media_type", pa.string()), ("status", pa.string()),
     ("error", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
@@ -39,12 +53,13 @@ SEGMENT_SCHEMA = pa.schema(list(FILE_SCHEMA) + [("segment", pa.int32()),
 SEGMENT_KEY = ("source", "segment")  # unique per run
 SEGMENT_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()),
                                    ("label", pa.string())]))
-TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before one float32 mean per class
+TRACK_COLUMNS = (  # fixed columns of OUT/tracks, before each class's mean probability
     ("source", pa.string()), ("track_id", pa.int32()), ("start_s", pa.float64()),
     ("end_s", pa.float64()), ("first_frame_index", pa.int64()), ("last_frame_index", pa.int64()),
     ("faces", pa.int32()), ("dominant_label", pa.string()),
 )
-TRACK_TAIL = (("segments", SEGMENT_TYPE), ("model_id", pa.string()))  # after the class columns
+TRACK_TAIL = (("segments", SEGMENT_TYPE), ("model_id", pa.string()))  # after the classes
+TRACK_SCHEMA = pa.schema(list(TRACK_COLUMNS + CLASS_COLUMNS + TRACK_TAIL))
 STREAM_COLUMNS = ("kind", "face")  # columns of the Ray row stream that are not in a table
 # The row stream carries face rows (kind "face") and file rows (kind "file", or "segment"
 # for a part of a long video) in one schema: the face columns (frame_index ... h), which
@@ -61,23 +76,16 @@ STREAM_FILE_COLUMNS = (
 UNCERTAIN = "uncertain"  # the label below --min-score (infer and tracks use this one)
 
 
-def tracks_schema(classes) -> pa.Schema:
-    """OUT/tracks schema for a model with these classes (run_id is the hive partition)."""
-    clash = set(classes) & {n for n, _ in TRACK_COLUMNS + TRACK_TAIL}
-    if clash:
-        raise ValueError(f"class names {sorted(clash)} clash with tracks column names")
-    return pa.schema(list(TRACK_COLUMNS) + [(c, pa.float32()) for c in classes]
-                     + list(TRACK_TAIL))
-
-
 class ClassNameError(ValueError):
     """A checkpoint's class names cannot become output columns."""
 
 
 def reserved_names() -> frozenset:
     """Every name a class must not take: the columns of OUT/faces, OUT/files and OUT/tracks
-    (and their partition run_id), the stream's own columns, and the label 'uncertain'."""
+    but the expressions' own (and their partition run_id), the stream's own columns, and the
+    label 'uncertain'."""
     names = [n for n, _ in FACE_COLUMNS + FACE_TAIL + TRACK_COLUMNS + TRACK_TAIL]
+    names.append(OTHER_CLASSES)
     names += [*SEGMENT_SCHEMA.names, *STREAM_COLUMNS, "track_id", "run_id", UNCERTAIN]
     return frozenset(names)
 
@@ -98,8 +106,8 @@ def check_class_names(classes, name: str = "checkpoint") -> None:
     folded = [c.casefold() for c in classes]
     dupes = sorted({c for c, f in zip(classes, folded) if folded.count(f) > 1})
     if dupes:
-        raise ClassNameError(f"{name}: duplicate class names {dupes} (each becomes a column); "
-                             "rename those classes and retrain")
+        raise ClassNameError(f"{name}: duplicate class names {dupes} (each is a column or a "
+                             "key); rename those classes and retrain")
     reserved = {r.casefold() for r in reserved_names()}
     clash = [c for c in classes if c.casefold() in reserved]
     if clash:
@@ -132,9 +140,62 @@ def safe_texts(values) -> list:
     return [safe_text(v) for v in values]
 
 
-def face_schema(classes) -> pa.Schema:
-    """OUT/faces schema for a model with these classes (run_id is the hive partition)."""
-    return pa.schema(list(FACE_COLUMNS) + [(c, pa.float32()) for c in classes] + list(FACE_TAIL))
+def class_arrays(probs: dict, n: int) -> dict:
+    """The probabilities of n rows in the output's layout: probs (a model's class -> (n,)
+    floats) -> one float32 array per expression (null where the model lacks the class) and
+    other_classes (a map of the model's classes outside EXPRESSIONS; null when none)."""
+    out = {c: pa.array(np.asarray(probs[c], np.float32), pa.float32()) if c in probs
+           else pa.nulls(n, pa.float32()) for c in EXPRESSIONS}
+    others = [c for c in probs if c not in EXPRESSIONS]
+    if others:
+        values = np.stack([np.asarray(probs[c], np.float32) for c in others], axis=1)
+        out[OTHER_CLASSES] = pa.array([list(zip(others, map(float, row))) for row in values],
+                                      CLASS_COLUMNS[-1][1])
+    else:
+        out[OTHER_CLASSES] = pa.nulls(n, CLASS_COLUMNS[-1][1])
+    return out
+
+
+def probability(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """The probabilities of class `name` in a faces or tracks table: its own column (an
+    expression, or a class of an output written before this layout), else its entry in
+    other_classes; null where a row's model lacks it."""
+    if name in table.column_names:
+        return pc.cast(table[name], pa.float32())
+    if OTHER_CLASSES in table.column_names:
+        return pc.cast(pc.map_lookup(table[OTHER_CLASSES], pa.scalar(name, pa.string()),
+                                     "first"), pa.float32())
+    return pa.chunked_array([pa.nulls(table.num_rows, pa.float32())])
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """A faces or tracks table of any layout in this one. The columns of an older output's
+    model classes (one column per class) become the expression columns and entries of
+    other_classes (merged with the map rows of this layout may hold); the other columns keep
+    their order and the classes sit where the first class column was. A table already in
+    this layout comes back as it is."""
+    layout = [n for n, _ in CLASS_COLUMNS]
+    fixed = {n for n, _ in FACE_COLUMNS + FACE_TAIL + TRACK_COLUMNS + TRACK_TAIL}
+    old = [c for c in table.column_names if c not in fixed | set(layout) | {"track_id", "run_id"}]
+    if not old and all(c in table.column_names for c in layout):
+        return table
+    n = table.num_rows
+    arrays = {c: pc.cast(table[c], pa.float32()) if c in table.column_names
+              else pa.chunked_array([pa.nulls(n, pa.float32())]) for c in EXPRESSIONS}
+    maps = table[OTHER_CLASSES].to_pylist() if OTHER_CLASSES in table.column_names \
+        else [None] * n
+    values = {c: table[c].to_pylist() for c in old}
+    for i in range(n):
+        entries = [*(maps[i] or []), *((c, values[c][i]) for c in old if values[c][i] is not None)]
+        maps[i] = entries or None
+    arrays[OTHER_CLASSES] = pa.array(maps, CLASS_COLUMNS[-1][1])
+    classes = set(layout) | set(old)
+    first = next(i for i, c in enumerate(table.column_names) if c in classes)
+    rest = [c for c in table.column_names if c not in classes]
+    at = len([c for c in table.column_names[:first] if c not in classes])
+    order = rest[:at] + layout + rest[at:]
+    columns = {**{c: table[c] for c in rest}, **arrays}
+    return pa.table([columns[c] for c in order], names=order)
 
 
 def encode_crops(faces: np.ndarray) -> list[bytes]:
@@ -149,22 +210,29 @@ def stream_file_columns(n: int) -> dict:
 
 
 def split_batch(batch: dict, classes) -> tuple[pa.Table, pa.Table]:
-    """(faces table, files table) from a batch of the row stream (column -> np.ndarray)."""
+    """(faces table, files table) from a batch of the row stream (column -> np.ndarray);
+    classes: the model's, whose probability columns the predictor added to the batch."""
     kind = np.asarray(batch["kind"])
     f = kind == "face"
-    schema = face_schema(classes)
-    faces = {}
-    for name, typ in zip(schema.names, schema.types):
-        if name == "crop_png":
-            faces[name] = encode_crops(batch["face"][f])
-        elif name == "timestamp_s":
-            ts = np.asarray(batch[name], np.float64)[f]
-            faces[name] = pa.array(ts, typ, mask=np.isnan(ts))
-        elif name == "source":
-            faces[name] = pa.array(safe_texts(np.asarray(batch[name])[f]), typ)
-        else:
-            faces[name] = pa.array(np.asarray(batch[name])[f], typ)
-    return pa.table(faces, schema=schema), files_table(batch, kind == "file")
+    columns = {name: np.asarray(batch[name])[f] for name in (
+        *[n for n, _ in FACE_COLUMNS], *classes, "model_id")}
+    columns["crop_png"] = encode_crops(batch["face"][f])
+    ts = columns["timestamp_s"].astype(np.float64)
+    columns["timestamp_s"] = pa.array(ts, pa.float64(), mask=np.isnan(ts))
+    columns["source"] = safe_texts(columns["source"])
+    return face_table(columns, classes), files_table(batch, kind == "file")
+
+
+def face_table(columns: dict, classes) -> pa.Table:
+    """OUT/faces rows (FACE_SCHEMA) from columns: FACE_COLUMNS and FACE_TAIL by name, and
+    each of the model's classes' probabilities by class name (class_arrays lays them out)."""
+    n = len(columns["source"])
+    arrays = class_arrays({c: columns[c] for c in classes}, n)
+    def array(value, typ):
+        return value.cast(typ) if isinstance(value, pa.Array) else pa.array(value, typ)
+    return pa.table([arrays[name] if name in arrays else array(columns[name], typ)
+                     for name, typ in zip(FACE_SCHEMA.names, FACE_SCHEMA.types)],
+                    schema=FACE_SCHEMA)
 
 
 def segment_table(batch: dict) -> pa.Table:

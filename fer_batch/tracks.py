@@ -30,7 +30,8 @@ import pyarrow.compute as pc
 
 from fer_batch.config import ANNOTATE_DEFAULTS
 from fer_batch.sampling import TIME_EPS_S
-from fer_batch.sink import top_labels, tracks_schema
+from fer_batch.sink import TRACK_COLUMNS, TRACK_SCHEMA, TRACK_TAIL, class_arrays, probability, \
+    top_labels
 
 IOU_THRESHOLD = ANNOTATE_DEFAULTS.track_iou_threshold  # SORT's 0.3 (Bewley et al. 2016)
 MAX_GAP_S = ANNOTATE_DEFAULTS.track_max_gap_s  # 3 missed frames at the default 2 fps
@@ -180,8 +181,8 @@ def _columns(faces: pa.Table, classes: list) -> tuple:
     ts = faces["timestamp_s"]
     boxes = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in "xywh"], 1) if n else \
         np.zeros((0, 4))
-    probs = np.stack([faces[c].to_numpy(zero_copy_only=False) for c in classes], 1) \
-        .astype(np.float32) if n else np.zeros((0, len(classes)), np.float32)
+    probs = np.stack([probability(faces, c).to_numpy(zero_copy_only=False) for c in classes],
+                     1).astype(np.float32) if n else np.zeros((0, len(classes)), np.float32)
     names = faces.column_names
     return (np.asarray(faces["source"].to_pylist(), object),
             faces["frame_index"].to_numpy(zero_copy_only=False).astype(np.int64),
@@ -201,8 +202,8 @@ def assign_tracks(faces: pa.Table, classes, *, iou_threshold: float = IOU_THRESH
     Parameters
     ----------
     faces: face rows of any number of sources, in any order, with at least source,
-        frame_index, timestamp_s, x, y, w, h and one probability column per class
-        (model_id is carried into the tracks when present).
+        frame_index, timestamp_s, x, y, w, h and every class's probabilities (its column,
+        or other_classes: sink.probability); model_id is carried into the tracks.
     classes: class names in logit order (the model's classes).
     iou_threshold, max_gap_s: association (module docstring); smooth_s: centred
         moving-average window in seconds for the segment labels (0 = none);
@@ -212,11 +213,11 @@ def assign_tracks(faces: pa.Table, classes, *, iou_threshold: float = IOU_THRESH
     -------
     faces_with_track_id: ``faces`` with an int32 ``track_id`` column after face_index
         (null where timestamp_s is null), rows and other columns untouched.
-    tracks: one row per (source, track_id), schema ``tracks_schema(classes)``, sorted by
-        source and track_id.
+    tracks: one row per (source, track_id), schema ``sink.TRACK_SCHEMA`` (each class's mean
+        probability in its expression column or other_classes), sorted by source and
+        track_id.
     """
     classes = list(classes)
-    schema = tracks_schema(classes)
     n = faces.num_rows
     src, frame, has_t, t, boxes, probs, model, face_index = _columns(faces, classes)
     track_id = np.full(n, -1, np.int32)
@@ -242,5 +243,16 @@ def assign_tracks(faces: pa.Table, classes, *, iou_threshold: float = IOU_THRESH
     pos = faces.schema.get_field_index("face_index") + 1 if "face_index" in faces.column_names \
         else faces.num_columns
     out = faces.add_column(pos, pa.field("track_id", pa.int32()), tid)
-    tracks = pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
-    return out, tracks
+    return out, tracks_table(rows, classes)
+
+
+def tracks_table(rows: list, classes: list) -> pa.Table:
+    """TRACK_SCHEMA table of summarize_track rows (with source, track_id and model_id)."""
+    if not rows:
+        return TRACK_SCHEMA.empty_table()
+    base = pa.Table.from_pylist([{k: v for k, v in r.items() if k not in classes}
+                                 for r in rows], schema=pa.schema(list(TRACK_COLUMNS +
+                                                                       TRACK_TAIL)))
+    columns = {**{c: base[c] for c in base.column_names},
+               **class_arrays({c: np.array([r[c] for r in rows]) for c in classes}, len(rows))}
+    return pa.table([columns[c] for c in TRACK_SCHEMA.names], schema=TRACK_SCHEMA)

@@ -139,15 +139,15 @@ def stage_faces(out, rid: str, classes, source: str, n_faces: int = 2,
     files row, as the sink writes them. Returns its manifest."""
     import pyarrow as pa
     from fer_batch import sink
-    schema = sink.face_schema(classes)
-    row = {n: [0] * n_faces for n in schema.names}
+    row = {n: [0] * n_faces for n, _ in sink.FACE_COLUMNS + sink.FACE_TAIL}
+    row.update({c: [0.0] * n_faces for c in classes})
     row.update(source=[source] * n_faces, media_type=[media_type] * n_faces,
                frame_index=list(range(n_faces)),
                timestamp_s=[0.5 * i for i in range(n_faces)], label=[classes[0]] * n_faces,
                score=[0.9] * n_faces, model_id=["m"] * n_faces, crop_png=[b""] * n_faces,
                x=[10] * n_faces, y=[10] * n_faces, w=[30] * n_faces, h=[30] * n_faces)
     row[classes[0]] = [0.9] * n_faces
-    faces = pa.table(row, schema=schema)
+    faces = sink.face_table(row, classes)
     files = sink.file_rows_table([dict(uri=source, media_type=media_type, status="ok",
                                        size_bytes=10, mtime_ns=5)], "m")
     sink.write_tables(out.fs, out.staging(rid), faces, files, name=f"{abs(hash(source)):x}")

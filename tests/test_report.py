@@ -150,7 +150,7 @@ SMALL_BATCH = 16  # rows per scanned batch in these tests: far fewer than the fa
 
 
 def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed: int):
-    """Schema-correct face rows (sink.face_schema): per_frame faces per frame at fixed
+    """Schema-correct face rows (sink.face_table): per_frame faces per frame at fixed
     places (so that tracking links them), scores on a 0.1 grid (ties on purpose), a real
     PNG crop per face whose grey level tells faces apart."""
     import cv2
@@ -174,7 +174,7 @@ def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed
                crop_png=[cv2.imencode(".png", np.full((48, 48), (seed * 37 + i) % 256,
                                                       np.uint8))[1].tobytes()
                          for i in range(n)])
-    return pa.table(row, schema=sink.face_schema(CLASSES))
+    return sink.face_table(row, CLASSES)
 
 
 def _commit_run(out, rid: str, items) -> None:
@@ -210,7 +210,10 @@ def _expected(out_uri: str, labels, per_label: int):
     """What the report showed when it loaded every face into pandas (the code before the
     streaming passes), with ties broken by (source, frame_index, face_index)."""
     import pandas as pd
-    faces = readers.read_faces(out_uri, as_pandas=True)
+    from fer_batch import report_data
+    classes = report_data.model_classes(runs.Output(out_uri).committed_runs())
+    # a column per class, whether it is an expression's or an entry of other_classes
+    faces = report_data.with_class_columns(readers.read_faces(out_uri), classes).to_pandas()
     trk = readers.read_tracks(out_uri, as_pandas=True)
     picked = _reference_picks(faces, labels, per_label)
     videos = faces[faces["media_type"] == "video"]["source"].value_counts()

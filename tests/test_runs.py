@@ -53,7 +53,8 @@ def test_copy_latest_streams_batches_into_one_file(tmp_path):
                        "run_id": ["r1"] * sum(1 for i in range(n) if i % 3)})
     ds = pds.dataset(str(root), format="parquet", partitioning="hive")
     out = runs.Output(str(tmp_path / "o"))
-    written = readers._copy_latest(out, ds, "r1", latest, str(tmp_path / "o" / "part.parquet"))
+    written = readers._copy_latest(out, ds, "r1", latest, str(tmp_path / "o" / "part.parquet"),
+                                   "files")
     got = pq.read_table(tmp_path / "o" / "part.parquet")
     assert written == got.num_rows == len(latest)
     assert got["source"].to_pylist() == latest["source"].to_pylist()

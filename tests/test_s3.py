@@ -339,10 +339,11 @@ def test_bad_s3_settings_fail_fast_with_one_clear_line(case, s3, archive, model_
 
 def staged_run(out: runs.Output, run_id: str, source: str) -> dict:
     """Stage one face row and one file row the way StagingSink does."""
-    face = {n: [0] for n in sink.face_schema(EMOTIONS).names}
+    face = {n: [0] for n, _ in sink.FACE_COLUMNS + sink.FACE_TAIL}
+    face.update({c: [0.0] for c in EMOTIONS})
     face.update(source=[source], media_type=["image"], timestamp_s=[None], label=["anger"],
                 score=[1.0], model_id=["m"], crop_png=[b""], x=[1], y=[2], w=[30], h=[30])
-    faces = pa.table(face, schema=sink.face_schema(EMOTIONS))
+    faces = sink.face_table(face, EMOTIONS)
     files = sink.file_rows_table([dict(uri=source, media_type="image", status="ok",
                                        size_bytes=10, mtime_ns=5)], "m")
     sink.write_tables(out.fs, out.staging(run_id), faces, files, name="0")

@@ -15,7 +15,7 @@ import pytest
 import corpus
 import fer_batch
 from fer_batch import cli, finish, readers, runs, sink, sources, storage
-from fer_batch.config import AnnotateConfig
+from fer_batch.config import EXPRESSIONS, AnnotateConfig
 
 RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
                                    "20260103T000000Z-cccccc")
@@ -43,11 +43,11 @@ def assert_user_files_intact(root: Path) -> None:
 
 def stage_run(out: runs.Output, rid: str, classes, source: str = "v.mp4") -> dict:
     """A staged run as the sink writes it: one video face and one files row (real Parquet)."""
-    schema = sink.face_schema(classes)
-    row = {n: [0] for n in schema.names}
+    row = {n: [0] for n, _ in sink.FACE_COLUMNS + sink.FACE_TAIL}
+    row.update({c: [0.0] for c in classes})
     row.update(source=[source], media_type=["video"], timestamp_s=[0.5], label=[classes[0]],
                score=[1.0], model_id=["m"], crop_png=[b""], x=[1], y=[2], w=[30], h=[30])
-    faces = pa.table(row, schema=schema)
+    faces = sink.face_table(row, classes)
     files = sink.file_rows_table([dict(uri=source, media_type="video", status="ok",
                                        size_bytes=10, mtime_ns=5)], "m")
     sink.write_tables(out.fs, out.staging(rid), faces, files, name="0")
@@ -164,8 +164,9 @@ def test_output_folder_inside_a_source_is_left_out_of_the_listing(tmp_path):
 # --- 2. a checkpoint whose class names clash with a column -----------------------------
 
 def all_column_names() -> set:
-    return ({*sink.face_schema(["c"]).names, *sink.FILE_SCHEMA.names,
-             *sink.tracks_schema(["c"]).names, "track_id", "run_id"} - {"c"})
+    """Every output column but the expressions' (a model's classes may be those)."""
+    return ({*sink.FACE_SCHEMA.names, *sink.FILE_SCHEMA.names, *sink.TRACK_SCHEMA.names,
+             "track_id", "run_id"} - set(EXPRESSIONS))
 
 
 def test_every_column_name_and_uncertain_is_refused_as_a_class_name():
@@ -471,39 +472,85 @@ def test_incremental_counts_files_of_another_model_and_relabel_redoes_them():
     assert readers.labelled_by(files) == {"/a.jpg": "old"}  # a skipped file has no model
 
 
-def test_two_models_read_whole_and_compact_into_one_schema(tmp_path):
-    """Night 1: a 7-class FER2013 model; night 2 relabels a.mp4 with a CK+ model (contempt,
-    no neutral). pyarrow took the first file's columns (contempt lost) and compact refused
-    such an output for ever. Now the readers read every model's columns (null where a
-    model lacks the class), compact keeps the latest view in one schema, drops the
-    superseded run, and a plain DuckDB glob reads the result."""
+def duckdb_faces(root: Path, columns: str) -> list:
+    """A plain DuckDB glob over OUT/faces (no union_by_name), rows sorted by source."""
     import duckdb
+    glob = str(root / "faces" / "*" / "*.parquet")
+    return duckdb.sql(f"SELECT {columns} FROM read_parquet('{glob}', hive_partitioning=true) "
+                      "ORDER BY source, run_id").fetchall()
+
+
+def test_two_models_in_one_output_are_read_whole_by_a_plain_glob(tmp_path):
+    """Night 1: a 7-class FER2013 model; night 2 relabels a.mp4 with a CK+ model (contempt,
+    no neutral), night 3 adds c.mp4 with a model of a custom label set. Every run writes one
+    layout (a column per expression, other_classes for the rest), so a plain DuckDB glob,
+    pandas and pyarrow read every night's rows and every model's probabilities; compact
+    keeps the latest view and drops the superseded run."""
+    import pandas as pd
     fer = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
     ck = corpus_classes()
     out = runs.Output(str(tmp_path / "out"))
     out.claim()
+    rid3 = "20260104T000000Z-dddddd"
     out.commit(RID_DEAD, stage_run(out, RID_DEAD, fer, "a.mp4"))
     out.commit(RID_ORPHAN, stage_run(out, RID_ORPHAN, fer, "b.mp4"))
     out.commit(RID_STUCK, stage_run(out, RID_STUCK, ck, "a.mp4"))  # b.mp4 stays night 1's
+    out.commit(rid3, stage_run(out, rid3, ["smirk", "anger"], "c.mp4"))
 
     def check(faces):
         faces = faces.set_index("source")
-        assert sorted(faces.index) == ["a.mp4", "b.mp4"]
+        assert sorted(faces.index) == ["a.mp4", "b.mp4", "c.mp4"]
         assert faces.loc["a.mp4", "contempt"] == 0 and np.isnan(faces.loc["a.mp4", "neutral"])
         assert faces.loc["b.mp4", "neutral"] == 0 and np.isnan(faces.loc["b.mp4", "contempt"])
+        assert faces.loc["c.mp4", "anger"] == 0 and faces.loc["c.mp4", "label"] == "smirk"
+        assert dict(faces.loc["c.mp4", "other_classes"]) == {"smirk": 0.0}
 
     check(fer_batch.read_faces(out.uri, as_pandas=True))
+    plain = pd.read_parquet(tmp_path / "out" / "faces")  # plain pandas: every partition
+    assert len(plain) == 4 and {"contempt", "neutral", "other_classes"} <= set(plain.columns)
+    check(plain[plain["run_id"].astype(str) != RID_DEAD])  # a.mp4's first night superseded
+    rows = duckdb_faces(tmp_path / "out", "source, contempt, neutral, other_classes['smirk']")
+    assert rows == [("a.mp4", None, 0.0, None), ("a.mp4", 0.0, None, None),
+                    ("b.mp4", None, 0.0, None), ("c.mp4", None, None, 0.0)]
     assert "contempt" in fer_batch.read_faces(out.uri, columns=["contempt"]).column_names
     from fer_batch import report_data
-    assert {"contempt", "neutral"} <= set(report_data.load(out.uri).classes)  # the report's
-    assert "compacted 3 runs" in readers.compact(out.uri)
+    assert {"contempt", "neutral", "smirk"} <= set(report_data.load(out.uri).classes)
+    assert "compacted 4 runs" in readers.compact(out.uri)
     (rid,) = out.committed_runs()
     check(fer_batch.read_faces(out.uri, as_pandas=True))
     assert not (tmp_path / "out" / "faces" / f"run_id={RID_DEAD}").exists()
-    glob = str(tmp_path / "out" / "faces" / "*" / "*.parquet")
-    rows = duckdb.sql(f"SELECT source, contempt, neutral FROM read_parquet('{glob}', "
-                      "hive_partitioning=true) ORDER BY source").fetchall()
-    assert rows == [("a.mp4", 0.0, None), ("b.mp4", None, 0.0)]
+    assert duckdb_faces(tmp_path / "out", "source, contempt, neutral") == \
+        [("a.mp4", 0.0, None), ("b.mp4", None, 0.0), ("c.mp4", None, None)]
+
+
+def test_an_output_of_the_older_layout_is_read_in_the_one_layout_and_compacted_into_it(
+        tmp_path):
+    """Runs written before the one layout have a column per class of their model. The
+    readers fold those columns into it, and compact rewrites the output in it, after which
+    a plain glob reads it."""
+    fer = ["anger", "disgust", "fear", "happiness", "neutral", "sadness", "surprise"]
+    out = runs.Output(str(tmp_path / "out"))
+    out.claim()
+    for rid, classes, source in ((RID_DEAD, fer, "a.mp4"), (RID_ORPHAN, ["calm", "anger"],
+                                                             "b.mp4")):
+        old = pa.schema(list(sink.FACE_COLUMNS) + [(c, pa.float32()) for c in classes]
+                        + list(sink.FACE_TAIL))
+        row = {n: [0] for n in old.names}
+        row.update(source=[source], media_type=["video"], timestamp_s=[0.5],
+                   label=[classes[0]], model_id=["m"], crop_png=[b""], **{classes[0]: [0.75]})
+        sink.write_tables(out.fs, out.staging(rid), pa.table(row, schema=old),
+                          sink.file_rows_table([dict(uri=source, media_type="video",
+                                                     status="ok", size_bytes=1, mtime_ns=1)],
+                                               "m"), name="0")
+        out.commit(rid, dict(run_id=rid, classes=classes, config={}))
+    faces = fer_batch.read_faces(out.uri)
+    assert faces.select(sink.FACE_SCHEMA.names).schema == sink.FACE_SCHEMA
+    got = {r["source"]: r for r in faces.to_pylist()}
+    assert got["a.mp4"]["anger"] == 0.75 and got["a.mp4"]["other_classes"] is None
+    assert got["b.mp4"]["other_classes"] == [("calm", 0.75)] and got["b.mp4"]["neutral"] is None
+    assert "compacted 2 runs" in readers.compact(out.uri)
+    assert duckdb_faces(tmp_path / "out", "source, anger, other_classes['calm']") == \
+        [("a.mp4", 0.75, None), ("b.mp4", 0.0, 0.75)]
 
 
 def test_a_library_caller_gets_the_clis_refusal_of_pool_with_haar():

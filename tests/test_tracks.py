@@ -199,9 +199,9 @@ def test_empty_faces_and_clashing_class_names():
     faces = faces_table([])
     out, trk = tracks.assign_tracks(faces, JAFFE)
     assert out.num_rows == 0 and "track_id" in out.column_names
-    assert trk.schema == sink.tracks_schema(JAFFE) and trk.num_rows == 0
-    with pytest.raises(ValueError, match="segments"):
-        sink.tracks_schema(("happy", "segments"))
+    assert trk.schema == sink.TRACK_SCHEMA and trk.num_rows == 0
+    with pytest.raises(sink.ClassNameError, match="segments"):  # a tracks column
+        sink.check_class_names(("happy", "segments"))
 
 
 def test_uncertain_label_has_one_definition():
@@ -219,8 +219,8 @@ def _staged_run(out, rid: str):
     b = moving("v.mp4", (600, 120), (-15, 5), range(8))
     rows = with_face_index(sorted(a + b, key=lambda r: r["frame"]))
     rows += with_face_index([dict(source="p.jpg", frame=0, box=(5, 5, 60, 60), video=False)])
-    faces = faces_table(rows)
-    faces = faces.append_column("crop_png", pa.array([b"\x89PNG%d" % i for i in range(len(rows))]))
+    faces = sink.face_table(dict(faces_table(rows).to_pydict(),  # as the sink writes them
+                                 crop_png=[b"\x89PNG%d" % i for i in range(len(rows))]), JAFFE)
     files = sink.file_rows_table([dict(uri=u, media_type=m, status="ok", size_bytes=1,
                                        mtime_ns=1) for u, m in (("v.mp4", "video"),
                                                                 ("p.jpg", "image"))], "m0")
