@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,13 +24,50 @@ def shared(*parts) -> Path:
     return p
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A real local Ray with 2 CPUs for the tests of one module."""
+RAY_OPTIONS = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
+
+
+@pytest.fixture(scope="session")
+def _ray_run():
+    """Stops the run's local Ray at the end of the test run."""
+    yield
     import ray
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_local(_ray_run):
+    """The test run's real local Ray with 2 CPUs: started by the first module that needs it
+    and kept for the next ones (a start costs seconds); a module that needed a Ray of its
+    own (``own_ray``) stopped it, and it starts again here."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(**RAY_OPTIONS)
+    return ray
+
+
+@contextlib.contextmanager
+def own_ray(env: dict | None = None):
+    """A local Ray of one module's own whose workers inherit env (variables set before
+    ray.init reach the workers; later ones do not): the shared Ray stops, this one starts,
+    and at the end it stops and env goes (the next module's ray_local starts the shared one
+    again)."""
+    import ray
+    if ray.is_initialized():
+        ray.shutdown()
+    old = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        ray.init(**RAY_OPTIONS)
+        yield ray
+    finally:
+        ray.shutdown()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 import corpus
+from conftest import own_ray
 from fer_batch import pipeline, readers
 from fer_batch.config import AnnotateConfig
 
@@ -46,17 +47,9 @@ pytestmark = pytest.mark.skipif(not corpus.has_faces(), reason=f"needs {corpus.F
 @pytest.fixture(scope="module")
 def ray_crash_hook():
     """A local Ray whose workers inherit FER_BATCH_TEST_CRASH_ON (set before ray.init)."""
-    import ray
-    hooks = dict(FER_BATCH_TEST_CRASH_ON=CRASH_TAG, FER_BATCH_TEST_HANG_ON=HANG_TAG,
-                 FER_BATCH_TEST_HANG_GIL_ON=HANG_GIL_TAG)
-    os.environ.update(hooks)
-    try:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with own_ray(dict(FER_BATCH_TEST_CRASH_ON=CRASH_TAG, FER_BATCH_TEST_HANG_ON=HANG_TAG,
+                      FER_BATCH_TEST_HANG_GIL_ON=HANG_GIL_TAG)) as ray:
         yield ray
-    finally:
-        ray.shutdown()
-        for k in hooks:
-            del os.environ[k]
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import pyarrow as pa
 import pytest
 
 import fer_batch.pipeline  # noqa: F401 (Ray, Ray Data, torch: imported at collection, so
 #   their import time is not counted as pre-flight time and their log handlers bind to
 #   the session's stderr, not to one test's captured stream)
-from conftest import encode_video, face_image, shared
+from conftest import encode_video, face_image, own_ray, shared
 from fer_batch import cli, decode, readers, runs, sink, sources, storage
 from fer_batch.model import EMOTIONS
 from fer_batch.config import DetectorSettings
@@ -67,9 +66,10 @@ def s3_env(server, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ray_s3(s3_env, ray_local):
-    """The shared local Ray, started after s3_env so its workers inherit the AWS settings."""
-    return ray_local
+def ray_s3(s3_env):
+    """A local Ray started after s3_env, so that its workers inherit the AWS settings."""
+    with own_ray() as ray:
+        yield ray
 
 
 @pytest.fixture(scope="module")

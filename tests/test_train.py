@@ -29,14 +29,6 @@ needs_data = pytest.mark.skipif(not CKPLUS.is_dir(),
                                 reason=f"CK+48 not found at {CKPLUS} (shared test data)")
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False)
-    yield ray
-    ray.shutdown()
-
-
 def copy_slice(dst: Path, per_class: int) -> None:
     """The first per_class images of each class, and labels.csv, under dst."""
     for cls in sorted(p.name for p in CKPLUS.iterdir() if p.is_dir()):
