@@ -137,7 +137,6 @@ def stage_faces(out, rid: str, classes, source: str, n_faces: int = 2,
                 media_type: str = "video") -> dict:
     """Stage run rid: n_faces faces of source (frames 0..n-1, labelled classes[0]) and its
     files row, as the sink writes them. Returns its manifest."""
-    import pyarrow as pa
     from fer_batch import sink
     row = {n: [0] * n_faces for n, _ in sink.FACE_COLUMNS + sink.FACE_TAIL}
     row.update({c: [0.0] * n_faces for c in classes})

@@ -154,7 +154,6 @@ def _faces_table(source: str, media_type: str, frames: int, per_frame: int, seed
     places (so that tracking links them), scores on a 0.1 grid (ties on purpose), a real
     PNG crop per face whose grey level tells faces apart."""
     import cv2
-    import pyarrow as pa
     rng = np.random.default_rng(seed)
     n = frames * per_frame
     probs = rng.dirichlet(np.ones(len(CLASSES)), n).astype(np.float32)
