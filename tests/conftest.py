@@ -156,3 +156,62 @@ def encode_video(path: Path, frames, *, fps: int = 10, codec: str = "libx264",
         for packet in stream.encode():
             out.mux(packet)
     return path
+
+
+def delegating_fs(inner, **overrides):
+    """A pyarrow filesystem that does what `inner` (the local disk or S3) does, but for the
+    operations named in overrides (name -> function taking the handler's arguments): the
+    tests' way to make a commit meet a full disk, or another process act between two steps
+    of the code under test."""
+    import pyarrow.fs as pafs
+
+    class Handler(pafs.FileSystemHandler):
+        def get_type_name(self):
+            return "delegating"
+
+        def normalize_path(self, path):
+            return path
+
+        def get_file_info(self, paths):
+            return inner.get_file_info(paths)
+
+        def get_file_info_selector(self, selector):
+            return inner.get_file_info(selector)
+
+        def create_dir(self, path, recursive):
+            inner.create_dir(path, recursive=recursive)
+
+        def delete_dir(self, path):
+            inner.delete_dir(path)
+
+        def delete_dir_contents(self, path, missing_dir_ok=False):
+            inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+        def delete_root_dir_contents(self):
+            raise OSError("not in these tests")
+
+        def delete_file(self, path):
+            inner.delete_file(path)
+
+        def move(self, src, dest):
+            inner.move(src, dest)
+
+        def copy_file(self, src, dest):
+            inner.copy_file(src, dest)
+
+        def open_input_stream(self, path):
+            return inner.open_input_stream(path)
+
+        def open_input_file(self, path):
+            return inner.open_input_file(path)
+
+        def open_output_stream(self, path, metadata):
+            return inner.open_output_stream(path, metadata=metadata)
+
+        def open_append_stream(self, path, metadata):
+            return inner.open_append_stream(path, metadata=metadata)
+
+    handler = Handler()
+    for name, fn in overrides.items():
+        setattr(handler, name, fn)
+    return pafs.PyFileSystem(handler)

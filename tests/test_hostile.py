@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import delegating_fs
 from fer_batch import cli, finish, model as M
 
 
@@ -223,68 +224,24 @@ def hooked_fs(inner, when, hook):
     """A pyarrow filesystem over `inner` (the local disk or S3) that runs hook() once, the
     first time when(operation, path) is true, right after that operation: the moment another
     process's commit or lock lands between two steps of the code under test."""
-    import pyarrow.fs as pafs
+    pending = [hook]
 
-    class Handler(pafs.FileSystemHandler):
-        def __init__(self):
-            self.hook = hook
+    def after(op, path):
+        if pending and when(op, path):
+            pending.pop()()
 
-        def _after(self, op, path):
-            if self.hook and when(op, path):
-                fire, self.hook = self.hook, None
-                fire()
+    def get_file_info_selector(selector):
+        infos = inner.get_file_info(selector)
+        after("list", selector.base_dir)
+        return infos
 
-        def get_type_name(self):
-            return "hooked"
-
-        def normalize_path(self, path):
-            return path
-
-        def get_file_info(self, paths):
-            return inner.get_file_info(paths)
-
-        def get_file_info_selector(self, selector):
-            infos = inner.get_file_info(selector)
-            self._after("list", selector.base_dir)
-            return infos
-
-        def create_dir(self, path, recursive):
-            inner.create_dir(path, recursive=recursive)
-
-        def delete_dir(self, path):
-            inner.delete_dir(path)
-
-        def delete_dir_contents(self, path, missing_dir_ok=False):
-            inner.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-        def delete_root_dir_contents(self):
-            raise OSError("not in these tests")
-
-        def delete_file(self, path):
-            inner.delete_file(path)
-
-        def move(self, src, dest):
-            inner.move(src, dest)
-
-        def copy_file(self, src, dest):
-            inner.copy_file(src, dest)
-
-        def open_input_stream(self, path):
-            self._after("before-read", path)
-            data = inner.open_input_stream(path).read()  # what this reader sees
-            self._after("read", path)
-            return pa_buffer_stream(data)
-
-        def open_input_file(self, path):
-            return inner.open_input_file(path)
-
-        def open_output_stream(self, path, metadata):
-            return inner.open_output_stream(path, metadata=metadata)
-
-        def open_append_stream(self, path, metadata):
-            return inner.open_append_stream(path, metadata=metadata)
-
-    return pafs.PyFileSystem(Handler())
+    def open_input_stream(path):
+        after("before-read", path)
+        data = inner.open_input_stream(path).read()  # what this reader sees
+        after("read", path)
+        return pa_buffer_stream(data)
+    return delegating_fs(inner, get_file_info_selector=get_file_info_selector,
+                         open_input_stream=open_input_stream)
 
 
 def pa_buffer_stream(data: bytes):

@@ -14,6 +14,7 @@ import pytest
 
 import corpus
 import fer_batch
+from conftest import delegating_fs
 from fer_batch import cli, finish, readers, runs, sink, sources, storage
 from fer_batch.config import EXPRESSIONS, AnnotateConfig
 
@@ -223,55 +224,11 @@ def disk_full_for(*run_ids):
     import pyarrow.fs as pafs
     disk = pafs.LocalFileSystem()
 
-    class Handler(pafs.FileSystemHandler):
-        def copy_file(self, src, dest):
-            if any(f"/faces/run_id={r}/" in dest for r in run_ids):
-                raise OSError(errno.ENOSPC, "No space left on device", dest)
-            disk.copy_file(src, dest)
-
-        def get_type_name(self):
-            return "disk-full"
-
-        def normalize_path(self, path):
-            return path
-
-        def get_file_info(self, paths):
-            return disk.get_file_info(paths)
-
-        def get_file_info_selector(self, selector):
-            return disk.get_file_info(selector)
-
-        def create_dir(self, path, recursive):
-            disk.create_dir(path, recursive=recursive)
-
-        def delete_dir(self, path):
-            disk.delete_dir(path)
-
-        def delete_dir_contents(self, path, missing_dir_ok=False):
-            disk.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
-
-        def delete_root_dir_contents(self):
-            raise OSError("not in these tests")
-
-        def delete_file(self, path):
-            disk.delete_file(path)
-
-        def move(self, src, dest):
-            disk.move(src, dest)
-
-        def open_input_stream(self, path):
-            return disk.open_input_stream(path)
-
-        def open_input_file(self, path):
-            return disk.open_input_file(path)
-
-        def open_output_stream(self, path, metadata):
-            return disk.open_output_stream(path, metadata=metadata)
-
-        def open_append_stream(self, path, metadata):
-            return disk.open_append_stream(path, metadata=metadata)
-
-    return pafs.PyFileSystem(Handler())
+    def copy_file(src, dest):
+        if any(f"/faces/run_id={r}/" in dest for r in run_ids):
+            raise OSError(errno.ENOSPC, "No space left on device", dest)
+        disk.copy_file(src, dest)
+    return delegating_fs(disk, copy_file=copy_file)
 
 
 def test_a_commit_that_cannot_complete_is_set_aside_not_retried_forever(tmp_path):
