@@ -184,6 +184,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
 
+    def _error(self, rec: Request, status: int, reason: str, xml: bytes) -> None:
+        """Answer with an S3 error (its XML body; none for HEAD) instead of the upstream."""
+        payload = b"" if self.command == "HEAD" else xml
+        rec.status = status
+        self.send_response(status, reason)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        rec.body_bytes = len(payload)
+
     def _handle(self) -> None:
         proxy: FaultProxy = self.server.proxy  # type: ignore[attr-defined]
         body = self._read_body()
@@ -198,23 +209,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._reset()
             return
         if fault == "forbidden" and self.command == "GET":  # one AccessDenied with its XML
-            rec.status = 403
-            self.send_response(403, "Forbidden")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(DENIED_XML)))
-            self.end_headers()
-            self.wfile.write(DENIED_XML)
-            rec.body_bytes = len(DENIED_XML)
+            self._error(rec, 403, "Forbidden", DENIED_XML)
             return
         if fault == "slowdown":
-            rec.status = 503
-            payload = b"" if self.command == "HEAD" else SLOWDOWN_XML
-            self.send_response(503, "Slow Down")
-            self.send_header("Content-Type", "application/xml")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-            rec.body_bytes = len(payload)
+            self._error(rec, 503, "Slow Down", SLOWDOWN_XML)
             return
         if fault and fault.startswith("hook:"):
             proxy.hooks[fault[5:]](bucket, key)
