@@ -233,10 +233,11 @@ def render(out: str) -> str:
         r = runs["fer2013"]
         h = r["history"]
         epoch_min = sum(x.get("seconds") or 0 for x in h) / 60
-        lines += ["", f"FER2013 training (`{r['command']}`): {len(h)} epochs, "
-                  f"{epoch_min:.0f} min of epochs on 2 CPU cores; test (= FER2013 val) accuracy per "
-                  "epoch (no flip averaging, the training's own metric): "
-                  + ", ".join(pct(x["test_acc"]) for x in h) + "."]
+        span = f"epochs {h[0]['epoch']}-{h[-1]['epoch']}" if h else "no epochs"
+        lines += ["", f"FER2013 training (`{r['command']}`): {span} of its schedule in this "
+                  f"run, {epoch_min:.0f} min of epochs on 2 CPU cores; test (= FER2013 val) "
+                  "accuracy per epoch (no flip averaging, the training's own metric): "
+                  + ", ".join(f"{x['epoch']}: {pct(x['test_acc'])}" for x in h) + "."]
         cal = r.get("calibration")
         if cal:
             lines += ["", f"Temperature {cal['temperature']:.3f}, fitted on {cal['n']} "
