@@ -229,11 +229,8 @@ def evaluate_folder(data: str, model_path: str, output: str | None = None,
     output: folder for metrics.json, confusion_matrix.png, reliability.png and
         predictions.parquet (path, true_label, label, score per image; None = write nothing).
     detect_faces: crop the largest face first (for full photos such as JAFFE), the way
-        annotate crops it (labeled.load_faces).
-    crop_margin: margin around the face box (None = the checkpoint's, as annotate uses).
-    detector: the face detector of --detect-faces (default: annotate's).
-    align: level faces by their eyes before the crop, "eyes" or "none" (None = the
-        checkpoint's, as annotate uses).
+        annotate crops it (labeled.load_faces), with `detector` (default: annotate's),
+        `crop_margin` and `align` ("eyes" or "none"; None: the checkpoint's, as annotate).
     flip_average: average with the mirror image, as annotate does by default (training's
         own test metrics do not: the paper's protocol).
 
