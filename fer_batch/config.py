@@ -135,14 +135,14 @@ class AnnotateConfig:
                       "(use cuda on autoscaling clusters whose GPU nodes start at zero).",
                       "inference", choices=("auto", "cpu", "cuda"))
     flip_average: bool = opt(True, "Average each face's probabilities with those of its "
-                             "mirror image (test-time augmentation: +1.7 points on FER2013 "
-                             "val, RESULTS.md); twice the inference work, a few per cent of a "
+                             "mirror image (test-time augmentation: +0.8 points on FER2013 "
+                             "val with the shipped model, MODEL.md); twice the inference work, a few per cent of a "
                              "CPU run.", "inference")
     min_score: float = opt(0.4, "Below this top probability (the calibrated score) the label "
                            "is 'uncertain'; the probabilities are kept. 0.4: on FER2013 val "
-                           "the shipped model marks 17%% of the faces uncertain (they are "
-                           "right 34%% of the time), and the rest are right 66%% of the time "
-                           "(61%% over all faces; MODEL.md). 0 = always the most probable "
+                           "the shipped model marks 11%% of the faces uncertain (they are "
+                           "right 26%% of the time), and the rest are right 69%% of the time "
+                           "(64%% over all faces; MODEL.md). 0 = always the most probable "
                            "class.", "inference", min=0, max=1)
 
     # --- face tracks (videos; see docs/report.md)
