@@ -136,8 +136,8 @@ class AnnotateConfig:
                       "inference", choices=("auto", "cpu", "cuda"))
     flip_average: bool = opt(True, "Average each face's probabilities with those of its "
                              "mirror image (test-time augmentation: +0.8 points on FER2013 "
-                             "val with the shipped model, MODEL.md); twice the inference work, a few per cent of a "
-                             "CPU run.", "inference")
+                             "val with the shipped model, MODEL.md); twice the inference "
+                             "work, a few per cent of a CPU run.", "inference")
     min_score: float = opt(0.4, "Below this top probability (the calibrated score) the label "
                            "is 'uncertain'; the probabilities are kept. 0.4: on FER2013 val "
                            "the shipped model marks 11%% of the faces uncertain (they are "

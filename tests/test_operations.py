@@ -262,9 +262,11 @@ def ray_cluster(tmp_path):
     try:
         assert _wait_for(up, 120), "ray head did not start"
         yield url, env
-    finally:  # `ray start --block` outlives SIGTERM for 30 s and more: the group gets
-        os.killpg(head.pid, signal.SIGTERM)  # 5 s to stop, then SIGKILL (no Ray process of
-        try:  # this head is left: every one is in its process group)
+    finally:
+        # `ray start --block` outlives SIGTERM for 30 s and more: the group gets 5 s to
+        # stop, then SIGKILL (every Ray process of this head is in its process group)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
             head.wait(timeout=5)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
