@@ -17,15 +17,12 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import threading
 import time
 
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.block import BlockAccessor
-from ray.data.datasource import Datasink
 
 from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
@@ -33,6 +30,7 @@ from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
 from fer_batch.infer import FacePredictor
 from fer_batch.model import align_of, crop_margin_of, load_checkpoint
 from fer_batch.preprocess import FaceCropper
+from fer_batch.staging import StagingSink
 
 IMAGES_PER_UNIT = ANNOTATE_DEFAULTS.images_per_task  # per-task overhead amortised over many
 UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
@@ -119,28 +117,6 @@ def work_units(entries: list, images_per_unit: int = IMAGES_PER_UNIT) -> list[di
     if group:
         units.append(group)
     return [{"files": json.dumps(u)} for u in units]
-
-
-class StagingSink(Datasink):
-    """Ray Data sink: splits each block into faces and files tables, writes both as Parquet
-    into the run's staging folder. Nothing here is visible to readers until commit."""
-
-    def __init__(self, output: str, run_id: str, classes, endpoint_url=None):
-        self.output, self.run_id, self.classes = output, run_id, list(classes)
-        self.endpoint_url = endpoint_url
-
-    def write(self, blocks, ctx):
-        out = runs.Output(self.output, self.endpoint_url)
-        stage = out.staging(self.run_id)
-        rows = 0
-        for i, block in enumerate(blocks):
-            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
-            faces, files = sink.split_batch(batch, self.classes)
-            segs = sink.segment_table(batch)  # partial rows of long videos' segments
-            sink.write_tables(out.fs, stage, faces, files, name=f"{ctx.task_idx:06d}-{i:04d}-"
-                              f"{os.urandom(3).hex()}", segments=segs)
-            rows += faces.num_rows + files.num_rows + segs.num_rows
-        return rows
 
 
 def resources() -> tuple[int, int]:

@@ -181,3 +181,20 @@ def test_what_the_croppers_unpickle_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], input=sent, capture_output=True,
                          check=True, timeout=120)
     assert out.stdout.decode().strip() == "[]", out.stderr.decode()[-2000:]
+
+
+def test_what_the_write_tasks_unpickle_does_not_import_torch():
+    """Ray Data's write tasks load the staging sink (a fresh worker process each run): it
+    may pull in Ray Data, not torch (~4 CPU s more in each such worker)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+
+    from fer_batch.staging import StagingSink
+    sent = cloudpickle.dumps(StagingSink("out", "rid", ["happiness"]))
+    code = ("import pickle, sys; pickle.loads(sys.stdin.buffer.read()); "
+            "print('torch' in sys.modules, 'ray.data' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], input=sent, capture_output=True,
+                         check=True, timeout=120)
+    assert out.stdout.decode().split() == ["False", "True"], out.stderr.decode()[-2000:]
