@@ -17,7 +17,8 @@ Data flow, in the order of this file:
    48x48 faces are a few MB, FER2013's 28,709 about 66 MB). Every epoch it reports metrics
    and a checkpoint; after a worker failure Ray restarts the workers
    (FailureConfig(max_failures=2)) and they resume from it; --resume-from continues a run
-   whose driver died. Rank 0's progress reaches the driver's console through a Ray queue
+   whose driver died or stopped (one that already reached its last epoch trains nothing:
+   ``reached_state``). Rank 0's progress reaches the driver's console through a Ray queue
    (``relay_progress``). Then the driver scores the test split with ``infer.predict`` (the
    annotate code path), fits the temperature and writes model.pt, metrics.json,
    split.json, confusion_matrix.png, training_curves.png.
@@ -321,21 +322,55 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
 
 def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: dict,
                 name: str, init_state: dict | None = None, class_weight=None):
-    """Train with Ray Train. Returns (state_dict of the final model, per-epoch history)."""
+    """Train with Ray Train. Returns (state_dict of the final model, per-epoch history).
+    A run resumed at or past its last epoch trains nothing: its checkpoint is the answer,
+    without starting Ray Train (~25 s)."""
+    store = checkpoint_store(cfg)
+    state = reached_state(cfg) or trained_state(cfg, x_train, y_train, x_test, y_test,
+                                                model_args, name, init_state, class_weight,
+                                                store)
+    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
+        print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
+              f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
+              flush=True)
+    elif not storage.is_s3(store):  # the run ended: model.pt replaces the ~300 MB state
+        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
+        if os.path.isdir(store) and not os.listdir(store):
+            os.rmdir(store)
+    return state["model"], state["history"]
+
+
+def reached_state(cfg: TrainConfig) -> dict | None:
+    """The state.pt of a local --resume-from that already reached the run's last epoch
+    (read memory-mapped: only what is used is read), else None: there is training to do."""
+    import torch
+    if not cfg.resume_from or storage.is_s3(cfg.resume_from):
+        return None
+    path = os.path.join(latest_checkpoint(os.path.expanduser(cfg.resume_from)), "state.pt")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if state["epoch"] < last_epoch(cfg):
+        return None
+    print(f"--resume-from {cfg.resume_from} already reached epoch {state['epoch']}: nothing "
+          "to train", flush=True)
+    return state
+
+
+def trained_state(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: dict,
+                  name: str, init_state, class_weight, store: str) -> dict:
+    """Run the Ray Train TorchTrainer; returns its last checkpoint's state.pt."""
+    import threading
+
     import ray
     import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
-    store = checkpoint_store(cfg)
+    from ray.util.queue import Queue
     scaling_config, threads = scaling(cfg)
     config = dict(dataclasses.asdict(cfg), model_args=model_args, threads=threads,
                   data_ref=ray.put(dict(x_train=x_train, y_train=y_train, x_test=x_test,
                                         y_test=y_test)),
                   init_ref=ray.put(init_state) if init_state is not None else None,
                   class_weight=None if class_weight is None else class_weight.tolist())
-    import threading
-
-    from ray.util.queue import Queue
     config["progress"] = Queue(actor_options={"num_cpus": 0})
     done = threading.Event()
     shower = threading.Thread(target=relay_progress, args=(config["progress"], cfg.epochs, done),
@@ -352,16 +387,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
         done.set()
         shower.join(timeout=5)
     with result.checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
-    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
-        print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
-              f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
-              flush=True)
-    elif not storage.is_s3(store):  # the run ended: model.pt replaces the ~300 MB state
-        shutil.rmtree(os.path.join(store, name), ignore_errors=True)
-        if os.path.isdir(store) and not os.listdir(store):
-            os.rmdir(store)
-    return state["model"], state["history"]
+        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
 
 
 def scaling(cfg: TrainConfig):

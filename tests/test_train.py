@@ -333,10 +333,10 @@ def test_stop_after_ends_the_loop_early():
 
 @needs_data
 def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(trained,
-                                                                             tmp_path):
+                                                                             tmp_path, capsys):
     """A campaign in pieces, with a real Ray Train: --stop-after 1 writes model.pt and keeps
-    the per-epoch checkpoint; resuming with the same --stop-after trains nothing and hands
-    back the same model; --stop-after 2 goes on from epoch 2 with epoch 1 as it was."""
+    the per-epoch checkpoint; resuming with the same --stop-after trains nothing (no Ray
+    Train started) and hands back the same model; --stop-after 2 goes on from epoch 2 with epoch 1 as it was."""
     _, _, root = trained
     store = tmp_path / "store"
     base = dict(data=(str(root / "data"),), epochs=3, stop_after=1, schedule="restarts",
@@ -346,8 +346,10 @@ def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(t
     run = store / "campaign"
     assert [h["epoch"] for h in first["history"]] == [1]
     assert any(p.name.startswith("checkpoint_") for p in run.iterdir())
+    capsys.readouterr()
     again = train.fit(TrainConfig(**base, output=str(tmp_path / "again"), resume_from=str(run)))
     assert again["model_id"] == first["model_id"] and len(again["history"]) == 1
+    assert "already reached epoch 1: nothing to train" in capsys.readouterr().out
     on = train.fit(TrainConfig(**dict(base, stop_after=2), output=str(tmp_path / "e2"),
                                resume_from=str(run)))
     assert [h["epoch"] for h in on["history"]] == [1, 2]
