@@ -53,9 +53,11 @@ FER = os.path.join(ROOT, "..", "shared", "fer2013")
 ARCHIVE = os.path.join(ROOT, ".gpu", "fer2013.npz")
 PART_BYTES = 15 * 2**20  # files back from the device: at most 16 MiB each
 FULL = dict(infer_batches=(256, 1024, 4096), measure_s=1.5, detect_batches=(1, 16, 64),
-            train_seconds=240.0, batch=256, compare=512, boxes=16, compile=True)
+            train_seconds=240.0, batch=256, compare=512, boxes=16, compile=True,
+            probe_steps=20)
 SMOKE = dict(infer_batches=(8, 16), measure_s=0.2, detect_batches=(1,),
-             train_seconds=20.0, batch=32, compare=16, boxes=2, compile=False)
+             train_seconds=4.0, batch=32, compare=16, boxes=2, compile=False,
+             probe_steps=2)
 RECIPE = dict(lr=1e-3, optimizer="adamw", weight_decay=0.05, label_smoothing=0.1,
               augment=True, schedule="cosine")  # the campaign's (MODEL.md), batch aside
 
@@ -281,7 +283,7 @@ def train(device, p: dict, data: dict, out: str) -> dict:
     steps = math.ceil(len(y_tr) / cfg.batch_size)
     probe = TrainConfig(**dict(dataclasses.asdict(cfg), lr=0.0))  # speed only: weights kept
     opt = build_optimizer(net, probe)
-    n_probe = min(steps, 20)
+    n_probe = min(steps, p["probe_steps"])  # steps timed to plan the epochs
     t0 = time.perf_counter()
     train_epoch(net, opt, x_tr, y_tr, np.arange(n_probe * cfg.batch_size) % len(y_tr),
                 cfg=probe, epoch=0, total=1, device=device, bf16=bf16, weight=None,
