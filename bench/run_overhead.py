@@ -46,7 +46,9 @@ def make_archive(root: Path) -> None:
 
 class CpuByProcess:
     """Cumulative CPU seconds of every process seen, keyed by (pid, start time), with the
-    names (Ray task/actor titles) each one had."""
+    names (Ray task/actor titles) each one had. Not common.TreeSampler: that one adds a
+    process's children_* times, so the raylet would count its exited workers a second
+    time, and it samples every 0.5 s (short-lived workers end between samples)."""
 
     def __init__(self):
         self.seen: dict = {}
