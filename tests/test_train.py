@@ -336,7 +336,8 @@ def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(t
                                                                              tmp_path, capsys):
     """A campaign in pieces, with a real Ray Train: --stop-after 1 writes model.pt and keeps
     the per-epoch checkpoint; resuming with the same --stop-after trains nothing (no Ray
-    Train started) and hands back the same model; --stop-after 2 goes on from epoch 2 with epoch 1 as it was."""
+    Train started) and hands back the same model; --stop-after 2 goes on from epoch 2 with
+    epoch 1 as it was."""
     _, _, root = trained
     store = tmp_path / "store"
     base = dict(data=(str(root / "data"),), epochs=3, stop_after=1, schedule="restarts",
