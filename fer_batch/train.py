@@ -40,7 +40,7 @@ import numpy as np
 from fer_batch import labeled, storage
 from fer_batch.config import CHANNEL_NAMES, FACE_SIZE, TRAIN_DEFAULTS, TrainConfig
 from fer_batch.train_loop import (class_weights, epoch_line, last_epoch, latest_checkpoint,
-                                  lr_at, train_loop_per_worker)
+                                  lr_at, read_state, train_loop_per_worker)
 
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 
@@ -88,7 +88,7 @@ def check_training(cfg: TrainConfig) -> dict:
         raise ValueError("--start-epoch goes on from --pretrained weights (not with "
                          "--resume-from) and must be before --stop-after and --epochs")
     if cfg.resume_from and not storage.is_s3(cfg.resume_from):
-        latest_checkpoint(os.path.expanduser(cfg.resume_from))  # raises, naming the folder
+        latest_checkpoint(cfg.resume_from)  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)
     test_listed = labeled.list_many((cfg.test_data,), cfg.endpoint_url) if cfg.test_data else None
     return dict(listed=listed, test_listed=test_listed,
@@ -343,11 +343,9 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
 def reached_state(cfg: TrainConfig) -> dict | None:
     """The state.pt of a local --resume-from that already reached the run's last epoch
     (read memory-mapped: only what is used is read), else None: there is training to do."""
-    import torch
     if not cfg.resume_from or storage.is_s3(cfg.resume_from):
         return None
-    path = os.path.join(latest_checkpoint(os.path.expanduser(cfg.resume_from)), "state.pt")
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    state = read_state(latest_checkpoint(cfg.resume_from), mmap=True)
     if state["epoch"] < last_epoch(cfg):
         return None
     print(f"--resume-from {cfg.resume_from} already reached epoch {state['epoch']}: nothing "
@@ -361,7 +359,6 @@ def trained_state(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args
     import threading
 
     import ray
-    import torch
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
@@ -387,7 +384,7 @@ def trained_state(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args
         done.set()
         shower.join(timeout=5)
     with result.checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        return read_state(d)
 
 
 def scaling(cfg: TrainConfig):

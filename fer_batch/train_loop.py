@@ -157,15 +157,27 @@ def build_optimizer(net, cfg: TrainConfig):
                    fused=True)  # one kernel: 7x faster than the per-tensor loop on a CPU
 
 
+STATE_FILE = "state.pt"  # a checkpoint folder's training state (docs/training.md)
+
+
+def read_state(folder: str, device="cpu", mmap: bool = False) -> dict:
+    """A checkpoint folder's state.pt: weights, optimizer, epoch, history, RNG. Loaded with
+    weights_only (reading a checkpoint runs no code from it); mmap reads only what is used."""
+    import torch
+    return torch.load(os.path.join(folder, STATE_FILE), map_location=device,
+                      weights_only=True, mmap=mmap)
+
+
 def latest_checkpoint(path: str) -> str:
-    """The checkpoint folder (state.pt) that --resume-from PATH names: PATH itself, or the
-    newest checkpoint_* folder in PATH (a run's folder under --storage-path). Raises
-    ValueError naming the folder when there is none."""
-    if os.path.isfile(os.path.join(path, "state.pt")):
+    """The local checkpoint folder (state.pt) that --resume-from PATH names: PATH itself, or
+    the newest checkpoint_* folder in PATH (a run's folder under --storage-path); `~` is
+    expanded. Raises ValueError naming the folder when there is none."""
+    path = os.path.expanduser(path)
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
         return path
     found = sorted((d for d in (os.listdir(path) if os.path.isdir(path) else ())
                     if d.startswith("checkpoint_")
-                    and os.path.isfile(os.path.join(path, d, "state.pt"))))
+                    and os.path.isfile(os.path.join(path, d, STATE_FILE))))
     if not found:
         raise ValueError(f"--resume-from {path}: no state.pt there nor in a checkpoint_* "
                          "folder in it; pass a run folder under --storage-path or one of its "
@@ -184,12 +196,11 @@ def restore(net, optimizer, resume_from: str | None, device) -> tuple[int, list]
     if checkpoint is None and resume_from:
         from fer_batch import storage
         checkpoint = ray.train.Checkpoint.from_directory(
-            resume_from if storage.is_s3(resume_from)
-            else latest_checkpoint(os.path.expanduser(resume_from)))
+            resume_from if storage.is_s3(resume_from) else latest_checkpoint(resume_from))
     if not checkpoint:
         return 0, []
     with checkpoint.as_directory() as d:
-        state = torch.load(os.path.join(d, "state.pt"), map_location=device, weights_only=True)
+        state = read_state(d, device)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])  # its tensors land on the params' device
     if "torch_rng" in state:
@@ -396,7 +407,7 @@ def report(net, optimizer, epoch: int, history: list, rank: int) -> None:
     with tempfile.TemporaryDirectory() as d:
         torch.save({"model": net.state_dict(), "optimizer": optimizer.state_dict(),
                     "epoch": epoch, "history": history, "torch_rng": torch.get_rng_state()},
-                   os.path.join(d, "state.pt"))
+                   os.path.join(d, STATE_FILE))
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
