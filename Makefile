@@ -9,6 +9,7 @@ RUN ?= runs/main# where the fine-tuned model, the annotations and the report go
 MODEL ?= default# the model that annotates: the shipped one (knows neutral; MODEL.md)
 TRAIN_ARGS ?=# e.g. TRAIN_ARGS="--epochs 2" for a quicker model
 ANNOTATE_ARGS ?=
+TEST_WORKERS ?= 2# pytest workers of make test (0: one process)
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -39,8 +40,10 @@ browser:
 		(apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || \
 		echo "chromium not installed: the report rendering test will be skipped"; }
 
+# two pytest workers, each with its own local Ray, take whole modules (tests/conftest.py:
+# the longest first): one alone leaves a core idle while a run starts actors or commits
 test: setup browser
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -26,6 +26,25 @@ def shared(*parts) -> Path:
 
 RAY_OPTIONS = dict(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
+# fixtures that start Ray work (actors, Ray Train): a test using one is marked slow
+RAY_FIXTURES = {"ray_local", "ray_s3", "ray_crash_hook", "ray_cluster"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test that needs a Ray run `slow` (`-m "not slow"`: the quick tests only),
+    then puts the modules with the most slow tests first, keeping the order within a
+    module. `make test` runs two workers that take whole modules in this order (`-n 2
+    --dist loadfile --no-loadscope-reorder`): the long modules start early and the short
+    ones fill the end, so no long module runs alone at the end."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+    slow: dict[str, int] = {}
+    for item in items:
+        if item.get_closest_marker("slow"):
+            slow[item.module.__name__] = slow.get(item.module.__name__, 0) + 1
+    items.sort(key=lambda item: -slow.get(item.module.__name__, 0))
+
 
 @pytest.fixture(scope="session")
 def _ray_run():

@@ -9,6 +9,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 BLOCKED = textwrap.dedent("""
@@ -55,6 +57,7 @@ def test_torch_level_modules_import_and_run_without_ray_and_av():
     assert "fine" in res.stdout
 
 
+@pytest.mark.slow  # trains for seconds in a subprocess
 def test_the_prepared_gpu_command_runs_on_the_cpu_without_ray_and_av(tmp_path):
     """bench/gpu.py --smoke: the device command's code, tiny sizes, on this CPU, where Ray
     and PyAV cannot be imported (the GPU machine has neither). Every part writes its file,

@@ -179,6 +179,7 @@ def test_killed_driver_leaves_nothing_visible_and_rerun_equals_clean_run(
     assert faces_view(out).equals(faces_view(clean_run))
 
 
+@pytest.mark.slow  # the subprocess starts a Ray
 def test_sigterm_exits_promptly_and_commits_nothing(full_archive, random_checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(annotate_cmd(full_archive, random_checkpoint, out),
