@@ -46,10 +46,9 @@ def make_archive(root: Path) -> None:
 
 class CpuByProcess:
     """Cumulative CPU seconds of every process seen, keyed by (pid, start time), with the
-    names (Ray task/actor titles) each one had. Not common.TreeSampler: that one adds a
-    process's children_* times (its reaped children's CPU: a daemon that reaps workers
-    sampled on their own would count them twice) and samples every 0.5 s, where
-    short-lived workers end between samples."""
+    names (Ray task/actor titles) each one had. Not common.TreeSampler: that one sums one
+    command's process tree every 0.5 s, where short-lived workers end between samples, and
+    keeps no per-run split of a Ray that outlives the runs."""
 
     def __init__(self):
         self.seen: dict = {}
