@@ -20,6 +20,7 @@ CNN detector's boxes are mapped to that framing (``CENTERFACE_TO_HAAR``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -185,8 +186,11 @@ def centerface_path() -> str:
         "them), or use --detector haar")
 
 
-def _centerface_model(path: str) -> bytes:
-    """centerface.onnx, readied for ONNX Runtime (serialized ModelProto).
+@functools.lru_cache(maxsize=2)
+def readied_centerface(path: str | None = None) -> bytes:
+    """centerface.onnx (the shipped one when path is None), readied for ONNX Runtime
+    (serialized ModelProto). Importing onnx costs about 1 CPU s (its ml_dtypes), so the
+    annotate driver readies it once and hands the bytes to its croppers.
 
     - The declared shapes of the graph's input and outputs are removed: the file declares a
       fixed input of 10x3x32x32, which ONNX Runtime enforces; the convolutions take any size.
@@ -196,7 +200,7 @@ def _centerface_model(path: str) -> bytes:
       convolution. Without them: 2.1-2.2x less CPU per frame (BENCHMARKS.md section 8),
       the same outputs within 1e-4. The batch-norm counters, used by no node, go too."""
     import onnx
-    model = onnx.load(path)
+    model = onnx.load(path or centerface_path())
     graph = model.graph
     used = {name for node in graph.node for name in node.input}
     weights = {t.name for t in graph.initializer}
@@ -209,13 +213,13 @@ def _centerface_model(path: str) -> bytes:
     return model.SerializeToString()
 
 
-def load_centerface(path: str | None = None, threads: int = 1):
+def load_centerface(path: str | None = None, threads: int = 1, model: bytes | None = None):
     """An ONNX Runtime CPU session of CenterFace that takes inputs of any size (1, 3, H, W)
-    with H and W multiples of CENTERFACE_ALIGN. Raises DetectorUnavailable."""
-    path = path or centerface_path()
+    with H and W multiples of CENTERFACE_ALIGN: of `model` (readied_centerface's bytes)
+    when given, else of the file at path. Raises DetectorUnavailable."""
     try:
         import onnxruntime as ort
-        model = _centerface_model(path)  # reads the file with onnx
+        model = model or readied_centerface(path)  # reads the file with onnx
     except ImportError as e:
         raise DetectorUnavailable(NO_ONNXRUNTIME) from e
     opts = ort.SessionOptions()
@@ -371,8 +375,8 @@ class CenterFaceDetector:
     name = "centerface"
 
     def __init__(self, *, max_side: int, threshold: float, min_face: int,
-                 path: str | None = None):  # load_detector passes the settings
-        self.session = load_centerface(path)
+                 path: str | None = None, model: bytes | None = None):  # see load_detector
+        self.session = load_centerface(path, model=model)
         self.kw = dict(max_side=max_side, threshold=threshold, min_face=min_face)
 
     def __call__(self, gray: np.ndarray) -> np.ndarray:
@@ -383,9 +387,11 @@ class CenterFaceDetector:
         return detect_centerface(gray, self.session, rolls=True, **self.kw)
 
 
-def load_detector(settings: DetectorSettings | str = DetectorSettings()):
+def load_detector(settings: DetectorSettings | str = DetectorSettings(),
+                  model: bytes | None = None):
     """The detector of --detector with its settings (config.DetectorSettings; a name alone
-    takes the CLI's settings): a callable gray (h, w) uint8 -> boxes (n, 4) int32. Raises
+    takes the CLI's settings): a callable gray (h, w) uint8 -> boxes (n, 4) int32. model:
+    CenterFace's readied weights (readied_centerface) when the caller has them. Raises
     DetectorUnavailable (the message names the fix) when its weights or runtime are missing,
     ValueError for a name not in DETECTORS."""
     s = DetectorSettings(detector=settings) if isinstance(settings, str) else settings
@@ -394,7 +400,8 @@ def load_detector(settings: DetectorSettings | str = DetectorSettings()):
                             min_face=s.min_face, max_side=s.detect_max_side, verify=s.verify)
     if s.detector == "centerface":
         return CenterFaceDetector(max_side=s.centerface_max_side,
-                                  threshold=s.centerface_threshold, min_face=s.min_face)
+                                  threshold=s.centerface_threshold, min_face=s.min_face,
+                                  model=model)
     raise ValueError(f"unknown detector {s.detector!r}; choose one of {', '.join(DETECTORS)}")
 
 

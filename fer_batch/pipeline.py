@@ -27,6 +27,7 @@ from ray.data import ActorPoolStrategy
 from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
 from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
+from fer_batch.detect import readied_centerface
 from fer_batch.infer import FacePredictor
 from fer_batch.model import align_of, crop_margin_of, load_checkpoint
 from fer_batch.preprocess import FaceCropper
@@ -286,7 +287,10 @@ def _execute(cfg: AnnotateConfig, todo: list, classes, spec: dict, run_id: str) 
                 max_pixels=cfg.max_pixels, endpoint_url=cfg.endpoint_url,
                 max_image_bytes=cfg.max_image_bytes,
                 attempts=AttemptCounter(ledger, cfg.stall_timeout_s),
-                max_attempts=cfg.max_file_retries + 1))
+                max_attempts=cfg.max_file_retries + 1,
+                # readied once here: each cropper would import onnx (~1 CPU s) to do it
+                detector_model=readied_centerface()
+                if pool is None and cfg.detector == "centerface" else None))
         .map_batches(
             FacePredictor, batch_size=cfg.batch_size, batch_format="numpy",
             # on CPU the predictor shares cores with the croppers: inference is ~5% of the work

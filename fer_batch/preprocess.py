@@ -218,14 +218,17 @@ class FaceCropper:
                  endpoint_url: str | None = None, attempts=None,
                  max_attempts: int = ANNOTATE_DEFAULTS.max_file_retries + 1,
                  crop_margin: float = TRAIN_DEFAULTS.crop_margin,
-                 align: str = TRAIN_DEFAULTS.align, pool=None):
+                 align: str = TRAIN_DEFAULTS.align, pool=None,
+                 detector_model: bytes | None = None):
         """Defaults are the CLI's (config.py); crop_margin and align come from the checkpoint.
         pool: detection in the GPU pool (--detect-on pool), a callable [gray frames] ->
-        [boxes] (detect_torch.PoolDetector); None = detect here with `detection`'s detector.
-        align "eyes" needs a detector with landmarks here (pipeline.check_geometry)."""
+        [boxes] (detect_torch.PoolDetector); None = detect here with `detection`'s detector,
+        built from detector_model when given (CenterFace readied by the driver,
+        detect.readied_centerface). align "eyes" needs a detector with landmarks here
+        (pipeline.check_geometry)."""
         cv2.setNumThreads(1)  # one core per actor; Ray schedules the parallelism
         # here: gray (h, w) uint8 -> boxes (n, 4) int32; in the pool: frames wait for a call
-        self.detector = load_detector(detection) if pool is None else None
+        self.detector = load_detector(detection, detector_model) if pool is None else None
         self.align = align == "eyes"  # faces levelled by their eyes before the crop
         self.detect_many = (lambda grays: [(b, None) for b in pool(grays)]) if pool \
             else self._detect_here  # [gray] -> [(boxes, rolls or None)]
