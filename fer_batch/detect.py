@@ -186,11 +186,19 @@ def centerface_path() -> str:
         "them), or use --detector haar")
 
 
-@functools.lru_cache(maxsize=2)
 def readied_centerface(path: str | None = None) -> bytes:
     """centerface.onnx (the shipped one when path is None), readied for ONNX Runtime
     (serialized ModelProto). Importing onnx costs about 1 CPU s (its ml_dtypes), so the
-    annotate driver readies it once and hands the bytes to its croppers.
+    annotate driver readies it once and hands the bytes to its croppers. Kept per file
+    version: a file that is gone raises DetectorUnavailable even after an earlier read."""
+    path = path or centerface_path()
+    st = os.stat(path)
+    return _readied_centerface(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _readied_centerface(path: str, mtime_ns: int, size: int) -> bytes:
+    """readied_centerface of one version of the file (mtime and size are the cache key).
 
     - The declared shapes of the graph's input and outputs are removed: the file declares a
       fixed input of 10x3x32x32, which ONNX Runtime enforces; the convolutions take any size.
@@ -200,7 +208,7 @@ def readied_centerface(path: str | None = None) -> bytes:
       convolution. Without them: 2.1-2.2x less CPU per frame (BENCHMARKS.md section 8),
       the same outputs within 1e-4. The batch-norm counters, used by no node, go too."""
     import onnx
-    model = onnx.load(path or centerface_path())
+    model = onnx.load(path)
     graph = model.graph
     used = {name for node in graph.node for name in node.input}
     weights = {t.name for t in graph.initializer}
