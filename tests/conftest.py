@@ -1,4 +1,5 @@
-"""Shared fixtures: a real local Ray, a real random-weights checkpoint, real test media."""
+"""Shared fixtures: a real local Ray, a real S3 server, a real random-weights checkpoint, real
+test media."""
 
 from __future__ import annotations
 
@@ -87,6 +88,60 @@ def own_ray(env: dict | None = None):
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+# --- S3: a real S3 HTTP server (moto) behind a fault-injecting proxy, tests/s3_server.py
+
+@pytest.fixture(scope="module")
+def server():
+    """moto's S3 server and the FaultProxy in front of it, for one module."""
+    from s3_server import FaultProxy, MotoS3
+    moto = MotoS3()
+    proxy = FaultProxy(moto.port)
+    proxy.hooks["delete"] = lambda bucket, key: moto.client().delete_object(Bucket=bucket,
+                                                                            Key=key)
+    yield moto, proxy
+    proxy.stop()
+    moto.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_env(server, tmp_path_factory):
+    """AWS settings of the test user, pointing at the proxy; no real ~/.aws, no IMDS."""
+    from s3_server import set_test_user
+    moto, proxy = server
+    with pytest.MonkeyPatch.context() as mp:
+        set_test_user(mp, moto, proxy.endpoint, tmp_path_factory.mktemp("aws"))
+        yield moto, proxy
+
+
+@pytest.fixture(scope="module")
+def ray_s3(s3_env):
+    """A local Ray started after s3_env, so that its workers inherit the AWS settings."""
+    with own_ray() as ray:
+        yield ray
+
+
+@pytest.fixture(scope="module")
+def s3(s3_env):
+    """boto3 client of the test user, straight to moto (setup traffic stays off the proxy),
+    with the buckets IN, OUT and MODELS."""
+    from s3_server import IN, MODELS, OUT
+    moto, _ = s3_env
+    client = moto.client()
+    for bucket in (IN, OUT, MODELS):
+        client.create_bucket(Bucket=bucket)
+    return client
+
+
+def upload_tree(s3, root: Path, bucket: str, prefix: str) -> list[str]:
+    """Every file under root to s3://bucket/prefix/<path relative to root>; the keys."""
+    keys = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            keys.append(f"{prefix}/{p.relative_to(root).as_posix()}")
+            s3.upload_file(str(p), bucket, keys[-1])
+    return keys
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 REGION = "us-east-1"
 BOOT_KEY = "bootstrap"  # moto ignores signatures until authentication is switched on
 USER = "fer-batch-test"
+IN, OUT, MODELS = "fer-archive", "fer-results", "fer-models"  # the tests' buckets
 DENIED_PREFIX = "denied/"  # the test user may not GetObject keys under this prefix
 START_TIMEOUT_S = 30  # moto's Flask app imports in ~2 s; generous for a loaded machine
 SERVER_MAIN = (  # moto_server, exiting when its stdin closes: it dies with the test process

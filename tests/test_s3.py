@@ -11,7 +11,6 @@ connection resets, bodies cut short.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import sys
@@ -27,14 +26,13 @@ import pytest
 import fer_batch.pipeline  # noqa: F401 (Ray, Ray Data, torch: imported at collection, so
 #   their import time is not counted as pre-flight time and their log handlers bind to
 #   the session's stderr, not to one test's captured stream)
-from conftest import encode_video, face_image, own_ray, shared
+from conftest import encode_video, face_image, shared, upload_tree
 from fer_batch import cli, decode, readers, runs, sink, sources, storage
 from fer_batch.model import EMOTIONS
 from fer_batch.config import DetectorSettings
 from fer_batch.preprocess import FaceCropper
-from s3_server import DENIED_PREFIX, FaultProxy, MotoS3, free_port, set_test_user
+from s3_server import DENIED_PREFIX, IN, MODELS, OUT, free_port
 
-IN, OUT, MODELS = "fer-archive", "fer-results", "fer-models"  # buckets
 MANY = 1_050  # objects under one prefix: > 1,000, the most one ListObjectsV2 page returns
 PHOTOS = {  # key under archive/ -> shared photo (small ones with Haar-detectable faces)
     "photos/Émotions été/fr obama.jpg": "fr_obama.jpg",  # unicode and spaces in the key
@@ -43,44 +41,7 @@ PHOTOS = {  # key under archive/ -> shared photo (small ones with Haar-detectabl
 }
 
 
-# --- fixtures: server, environment, Ray, media
-
-@pytest.fixture(scope="module")
-def server():
-    moto = MotoS3()
-    proxy = FaultProxy(moto.port)
-    proxy.hooks["delete"] = lambda bucket, key: moto.client().delete_object(Bucket=bucket,
-                                                                            Key=key)
-    yield moto, proxy
-    proxy.stop()
-    moto.stop()
-
-
-@pytest.fixture(scope="module")
-def s3_env(server, tmp_path_factory):
-    """AWS settings of the test user, pointing at the proxy; no real ~/.aws, no IMDS."""
-    moto, proxy = server
-    with pytest.MonkeyPatch.context() as mp:
-        set_test_user(mp, moto, proxy.endpoint, tmp_path_factory.mktemp("aws"))
-        yield moto, proxy
-
-
-@pytest.fixture(scope="module")
-def ray_s3(s3_env):
-    """A local Ray started after s3_env, so that its workers inherit the AWS settings."""
-    with own_ray() as ray:
-        yield ray
-
-
-@pytest.fixture(scope="module")
-def s3(s3_env):
-    """boto3 client of the test user, straight to moto (setup traffic stays off the proxy)."""
-    moto, _ = s3_env
-    client = moto.client()
-    for bucket in (IN, OUT, MODELS):
-        client.create_bucket(Bucket=bucket)
-    return client
-
+# --- fixtures: the proxy, media (server, s3_env, ray_s3 and s3: tests/conftest.py)
 
 @pytest.fixture
 def proxy(s3_env):
@@ -88,15 +49,6 @@ def proxy(s3_env):
     proxy.clear()
     yield proxy
     proxy.clear()
-
-
-def upload_tree(s3, root: Path, bucket: str, prefix: str) -> list[str]:
-    keys = []
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            keys.append(f"{prefix}/{p.relative_to(root).as_posix()}")
-            s3.upload_file(str(p), bucket, keys[-1])
-    return keys
 
 
 def face_clip(path: Path, n: int = 20) -> Path:
@@ -519,48 +471,3 @@ def test_no_secret_in_any_output_log_or_file(annotated, s3, s3_env):
     assert logs, "Ray wrote logs"
     for p in logs:
         no_secret_in(secret, p.read_bytes(), str(p))
-
-
-@pytest.fixture(scope="module")
-def ckplus_slice(tmp_path_factory):
-    """5 CK+48 images per class and labels.csv (skips without ../shared/data)."""
-    from conftest import shared
-    src = shared("ckplus48")
-    dst = tmp_path_factory.mktemp("ckslice")
-    for cls in sorted(p.name for p in src.iterdir() if p.is_dir()):
-        (dst / cls).mkdir()
-        for f in sorted((src / cls).iterdir())[:5]:
-            (dst / cls / f.name).write_bytes(f.read_bytes())
-    (dst / "labels.csv").write_bytes((src / "labels.csv").read_bytes())
-    return dst
-
-
-def test_train_from_s3_to_s3_matches_local(ray_s3, s3_env, s3, ckplus_slice, tmp_path):
-    """Training DATA and --output on S3: same images, same split as the same folder on disk,
-    and the checkpoint written to S3 loads for annotation.
-
-    Also the determinism check: the two trainings see the same images with the same seed,
-    so on one machine they give the same weights (model_id is their hash) and metrics.
-    Across machines (other CPUs, thread counts, bf16 support) floating-point order differs
-    and so do the figures: the README quotes a range for make run, not one number."""
-    from fer_batch.model import load_checkpoint
-    upload_tree(s3, ckplus_slice, IN, "ckplus")
-    common = ["--epochs", "1", "--num-workers", "2", "--use-gpu", "no", "--seed", "0",
-              "--test-fraction", "0.3"]
-    assert cli.main(["train", str(ckplus_slice), "--output", str(tmp_path / "local"),
-                     *common]) == 0
-    assert cli.main(["train", f"s3://{IN}/ckplus", "--output", f"s3://{OUT}/train",
-                     *common]) == 0
-    got = {}
-    for name in ("split.json", "metrics.json"):
-        body = s3.get_object(Bucket=OUT, Key=f"train/{name}")["Body"].read()
-        got[name] = json.loads(body)
-    local_split = json.loads((tmp_path / "local" / "split.json").read_text())
-    assert got["split.json"] == local_split
-    local_metrics = json.loads((tmp_path / "local" / "metrics.json").read_text())
-    for key in ("classes", "n_train", "n_test", "split", "model_id", "confusion_matrix"):
-        assert got["metrics.json"][key] == local_metrics[key], key
-    assert got["metrics.json"]["history"][0]["train_loss"] == \
-        local_metrics["history"][0]["train_loss"]
-    model, meta = load_checkpoint(f"s3://{OUT}/train/model.pt")
-    assert meta["classes"] == local_metrics["classes"]

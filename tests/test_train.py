@@ -1,8 +1,9 @@
 """fer_batch.train and fer_batch.evaluate on real CK+48 images with a real local Ray.
 
-One real Ray Train run (2 CPU workers, 1 epoch, a 6-image-per-class slice copied to
-tmp_path, plus a corrupt file) is shared by the end-to-end tests; the split tests are
-pure functions over the full labels.csv.
+One real Ray Train run (2 CPU workers, a 6-image-per-class slice copied to tmp_path, plus a
+corrupt file) is shared by the end-to-end tests: the first epoch of a 3-epoch campaign
+(--stop-after 1), which the campaign test resumes and the S3 test repeats from S3. The
+split tests are pure functions over the full labels.csv.
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fer_batch import evaluate, labeled, train, train_loop
+from conftest import upload_tree
+from fer_batch import cli, evaluate, labeled, train, train_loop
 from fer_batch.config import TrainConfig
 from fer_batch.model import load_checkpoint
 
@@ -38,14 +41,21 @@ def copy_slice(dst: Path, per_class: int) -> None:
     shutil.copy(CKPLUS / "labels.csv", dst / "labels.csv")
 
 
+# the shared run: the first epoch of a campaign planned for 3 (restarts schedule)
+CAMPAIGN = dict(epochs=3, stop_after=1, schedule="restarts", lr=1e-3, batch_size=16,
+                split="subject", num_workers=2, use_gpu="no", seed=0, run_name="campaign")
+
+
 @pytest.fixture(scope="module")
-def trained(ray_local, tmp_path_factory):
+def trained(ray_s3, tmp_path_factory):
+    """(config, metrics, root) of the shared run. Its Ray (ray_s3) carries the S3 test
+    user's settings, for the run from S3 below."""
     root = tmp_path_factory.mktemp("train")
     data, out = root / "data", root / "out"
     copy_slice(data, PER_CLASS)
     (data / CORRUPT).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
-    cfg = TrainConfig(data=(str(data),), output=str(out), epochs=1, split="subject",
-                      num_workers=2, use_gpu="no", seed=0)
+    cfg = TrainConfig(data=(str(data),), output=str(out), storage_path=str(root / "store"),
+                      **CAMPAIGN)
     metrics = train.fit(cfg)
     return cfg, metrics, root
 
@@ -138,12 +148,13 @@ def test_train_writes_a_loadable_checkpoint(trained):
     for name in ("model.pt", "metrics.json", "split.json", "confusion_matrix.png",
                  "training_curves.png"):
         assert (out / name).stat().st_size > 0, name
-    assert not (out / "_ray_train").exists()  # Ray Train's epoch checkpoints are cleaned up
+    assert not (out / "_ray_train").exists()  # the checkpoints are in --storage-path
     model, meta = load_checkpoint(str(out / "model.pt"))
     assert meta["classes"] == ["anger", "contempt", "disgust", "fear", "happiness", "sadness",
                                "surprise"]
     assert meta["model_id"] == metrics["model_id"]
-    assert meta["train_config"]["split"] == "subject" and meta["train_config"]["epochs"] == 1
+    assert meta["train_config"]["split"] == "subject" and meta["train_config"]["epochs"] == 3
+    assert meta["train_config"]["stop_after"] == 1
     assert meta["metrics"]["accuracy"] == pytest.approx(metrics["accuracy"])
     on_disk = json.loads((out / "metrics.json").read_text())
     for key in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "per_class",
@@ -243,6 +254,7 @@ def test_several_folders_train_on_the_union_with_a_held_out_folder(trained, tmp_
     assert metrics["per_class"]["happiness"]["support"] == 3
     split = json.loads((tmp_path / "o" / "split.json").read_text())
     assert len(split["test"]) == 6 and all(p.startswith(str(test)) for p in split["test"])
+    assert not (tmp_path / "o" / "_ray_train").exists()  # a run that ended drops its epochs
 
 
 def test_resume_from_a_folder_without_state_fails_fast(tmp_path):
@@ -254,11 +266,6 @@ def test_resume_from_a_folder_without_state_fails_fast(tmp_path):
     for bad in (tmp_path / "snapshot.json", tmp_path / "nothing"):
         with pytest.raises(ValueError, match="checkpoint_"):
             train.check_training(TrainConfig(data=(str(tmp_path),), resume_from=str(bad)))
-
-
-# Determinism (the same data, config and seed give the same model on one machine) is
-# checked by tests/test_s3.py::test_train_from_s3_to_s3_matches_local, which trains the
-# same slice twice anyway (from disk and from S3).
 
 
 def test_the_new_classifier_of_a_fine_tune_depends_on_the_seed_only(random_checkpoint):
@@ -334,41 +341,71 @@ def test_stop_after_ends_the_loop_early():
 @needs_data
 def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(trained,
                                                                              tmp_path, capsys):
-    """A campaign in pieces, with a real Ray Train: --stop-after 1 writes model.pt and keeps
-    the per-epoch checkpoint; resuming with the same --stop-after trains nothing (no Ray
-    Train started) and hands back the same model; --stop-after 2 goes on from epoch 2 with
-    epoch 1 as it was."""
-    _, _, root = trained
-    store = tmp_path / "store"
-    base = dict(data=(str(root / "data"),), epochs=3, stop_after=1, schedule="restarts",
-                lr=1e-3, num_workers=1, use_gpu="no", batch_size=16, seed=0,
-                storage_path=str(store), run_name="campaign")
-    first = train.fit(TrainConfig(**base, output=str(tmp_path / "e1")))
-    run = store / "campaign"
+    """A campaign in pieces, with a real Ray Train: the shared run (--stop-after 1) wrote
+    model.pt and kept the per-epoch checkpoint; resuming with the same --stop-after trains
+    nothing (no Ray Train started) and hands back the same model; --stop-after 2 goes on
+    from epoch 2 with epoch 1 as it was."""
+    cfg, first, root = trained
+    run = root / "store" / "campaign"
     assert [h["epoch"] for h in first["history"]] == [1]
     assert any(p.name.startswith("checkpoint_") for p in run.iterdir())
     capsys.readouterr()
-    again = train.fit(TrainConfig(**base, output=str(tmp_path / "again"), resume_from=str(run)))
+    again = train.fit(dataclasses.replace(cfg, output=str(tmp_path / "again"),
+                                          resume_from=str(run)))
     assert again["model_id"] == first["model_id"] and len(again["history"]) == 1
     assert "already reached epoch 1: nothing to train" in capsys.readouterr().out
-    on = train.fit(TrainConfig(**dict(base, stop_after=2), output=str(tmp_path / "e2"),
-                               resume_from=str(run)))
+    on = train.fit(dataclasses.replace(cfg, stop_after=2, output=str(tmp_path / "e2"),
+                                       resume_from=str(run)))
     assert [h["epoch"] for h in on["history"]] == [1, 2]
     assert on["history"][0] == first["history"][0]
     assert on["model_id"] != first["model_id"]
     lr2 = on["history"][1]["lr"]  # the schedule of the whole 3-epoch run, not a new one
-    steps = -(-len(json.loads((tmp_path / "e1" / "split.json").read_text())["train"]) // 16)
-    assert lr2 == pytest.approx(train_loop.lr_at(2 * steps - 1, 3 * steps, 1e-3, "restarts"))
+    n_train = len(json.loads((Path(cfg.output) / "split.json").read_text())["train"])
+    steps = math.ceil(math.ceil(n_train / cfg.num_workers) / cfg.batch_size)  # a worker's
+    assert lr2 == pytest.approx(train_loop.lr_at(2 * steps - 1, 3 * steps, cfg.lr, "restarts"))
     # on a machine without the checkpoints: epoch 1's model.pt and --start-epoch 1 go on
     # with epoch 2 of the same schedule (a new optimizer, the same learning rates)
-    moved = train.fit(TrainConfig(**dict(base, stop_after=2, run_name="elsewhere"),
-                                  output=str(tmp_path / "moved"), start_epoch=1,
-                                  pretrained=str(tmp_path / "e1" / "model.pt")))
+    moved = train.fit(dataclasses.replace(cfg, stop_after=2, run_name="elsewhere",
+                                          output=str(tmp_path / "moved"), start_epoch=1,
+                                          pretrained=str(Path(cfg.output) / "model.pt")))
     assert [h["epoch"] for h in moved["history"]] == [2]
     assert moved["history"][0]["lr"] == pytest.approx(lr2)
     with pytest.raises(ValueError, match="--start-epoch"):  # needs weights to go on from
-        train.check_training(TrainConfig(**dict(base, stop_after=2), start_epoch=1,
-                                         output=str(tmp_path / "x")))
+        train.check_training(dataclasses.replace(cfg, stop_after=2, start_epoch=1,
+                                                 output=str(tmp_path / "x")))
+
+
+@needs_data
+def test_train_from_s3_to_s3_matches_local(trained, s3):
+    """The shared run again with DATA, --output and the per-epoch checkpoints on S3, through
+    the CLI: the same images, the same split, and the checkpoint written to S3 loads.
+
+    Also the determinism check: the two trainings see the same images with the same seed,
+    so on one machine they give the same weights (model_id is their hash) and metrics.
+    Across machines (other CPUs, thread counts, bf16 support) floating-point order differs
+    and so do the figures: the README quotes a range for make run, not one number."""
+    from s3_server import IN, OUT
+    cfg, _, root = trained
+    upload_tree(s3, root / "data", IN, "ckplus")
+    options = [a for k, v in CAMPAIGN.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    assert cli.main(["train", f"s3://{IN}/ckplus", "--output", f"s3://{OUT}/train",
+                     *options]) == 0
+    got = {}
+    for name in ("split.json", "metrics.json"):
+        body = s3.get_object(Bucket=OUT, Key=f"train/{name}")["Body"].read()
+        got[name] = json.loads(body)
+    out = Path(cfg.output)  # subjects are named with their folder: the same, moved to S3
+    local_split = (out / "split.json").read_text().replace(cfg.data[0], f"s3://{IN}/ckplus")
+    assert got["split.json"] == json.loads(local_split)
+    local_metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("classes", "n_train", "n_test", "split", "model_id", "confusion_matrix"):
+        assert got["metrics.json"][key] == local_metrics[key], key
+    assert got["metrics.json"]["history"][0]["train_loss"] == \
+        local_metrics["history"][0]["train_loss"]
+    assert [s["path"] for s in got["metrics.json"]["skipped"]] == [f"s3://{IN}/ckplus/{CORRUPT}"]
+    assert s3.list_objects_v2(Bucket=OUT, Prefix="train/_ray_train/campaign/")["KeyCount"] > 0
+    model, meta = load_checkpoint(f"s3://{OUT}/train/model.pt")
+    assert meta["classes"] == local_metrics["classes"]
 
 
 def test_augment_tensor_draws_transforms_on_the_device_reproducibly():
