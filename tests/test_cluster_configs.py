@@ -8,6 +8,7 @@
 * The copies of the RayJob spec (nightly ConfigMap, RayCronJob) must equal
   rayjob.yaml, so the one-off and the nightly runs cannot drift apart.
 * No AWS access key material anywhere under cluster/.
+* `ray job submit --working-dir .` packs what a job needs and leaves .git/ behind.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import re
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import jsonschema
@@ -379,3 +381,15 @@ def test_readme_sizing_section():
     assert "cores_per_gpu" in text
     for cmd in ("ray up", "ray job submit", "kubectl apply"):
         assert cmd in text, f"README lacks `{cmd}`"
+
+
+def test_the_job_package_leaves_the_history_behind(tmp_path):
+    """`ray job submit --working-dir .` zips the tree with Ray's own packaging, which
+    .gitignore and .rayignore filter: the code and the default model go, .git/ (every
+    shipped model version, 140 MB) and .venv/ stay behind."""
+    from ray._private.runtime_env import packaging
+    zipped = tmp_path / "package.zip"
+    packaging.create_package(str(ROOT), zipped, include_gitignore=True)
+    names = zipfile.ZipFile(zipped).namelist()
+    assert "fer_batch/models/default.pt" in names and "jobs/annotate.py" in names
+    assert not [n for n in names if n.startswith((".git/", ".venv/"))]
