@@ -1,20 +1,18 @@
 """The face detectors of fer_batch/detect.py, each on real faces and on no faces, on images of
-several sizes in one process (DETECTORS.md's trap), the error that names the fix when
-CenterFace's weights are missing, and one annotate run with --detector centerface."""
+several sizes in one process (DETECTORS.md's trap), and the error that names the fix when
+CenterFace's weights are missing. The annotate run with the default detector is in
+test_pipeline.py."""
 
 from __future__ import annotations
 
 import os
-import shutil
 
 import cv2
 import numpy as np
 import pytest
 
-import fer_batch
-from conftest import encode_video, face_image, photo_truth, shared, truth_found
-from fer_batch import cli, decode, detect, runs
-from fer_batch.config import AnnotateConfig
+from conftest import face_image, photo_truth, shared, truth_found
+from fer_batch import cli, decode, detect
 
 # hand-labelled faces each detector must find of the 43 (BENCHMARKS.md, "Face detectors":
 # 36 for Haar at the defaults, 43 for CenterFace at the defaults), with a little room
@@ -158,27 +156,3 @@ def test_missing_centerface_weights_name_the_fix(monkeypatch, tmp_path, random_c
                      str(tmp_path / "o"), "--detector", "centerface"]) == 2
     assert "gone.onnx" in capsys.readouterr().err
     assert detect.load_detector("haar")(face_image()).shape[0] >= 1  # Haar needs no weights
-
-
-def test_annotate_with_centerface_finds_the_faces_and_records_the_detector(
-        ray_local, random_checkpoint, tmp_path):
-    photos, truth = shared("photos"), photo_truth()
-    names = ["dlib_voc_2008_004176.jpg", "dlib_voc_2008_002079.jpg"]  # 7 + 6 labelled faces
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in names + ["noface_dlib_dogs.jpg"]:
-        shutil.copy(photos / name, src / name)  # copies: links out of SOURCE are skipped
-    small = cv2.resize(face_image(), (240, 300), interpolation=cv2.INTER_AREA)[:180]
-    encode_video(src / "face.mp4", [np.roll(small, 2 * i, axis=1) for i in range(10)], fps=10)
-    out = tmp_path / "out"
-    assert cli.main(["annotate", str(src), "--model", random_checkpoint, "--output", str(out),
-                     "--detector", "centerface"]) == 0
-    faces = fer_batch.read_faces(str(out), as_pandas=True)
-    for name in names:
-        got = faces[faces["source"].str.endswith(name)][["x", "y", "w", "h"]].to_numpy()
-        assert truth_found(truth[name], got) >= len(truth[name]) - 1, name
-    assert not faces["source"].str.endswith("noface_dlib_dogs.jpg").any()
-    assert len(faces[faces["source"].str.endswith("face.mp4")]) >= 1  # 2 fps of 1 s: frames 0, 5
-    (manifest,) = runs.Output(str(out)).committed_runs().values()
-    assert manifest["config"]["detector"] == "centerface"
-    assert manifest["config"]["centerface_max_side"] == AnnotateConfig().centerface_max_side

@@ -37,19 +37,39 @@ def corpus(tmp_path_factory):
     return root
 
 
+NO_FACE = "noface_dlib_dogs.jpg"  # a shared photo without faces
+
+
 @pytest.fixture(scope="module")
-def result(ray_local, corpus, random_checkpoint, tmp_path_factory):
+def photo_list(tmp_path_factory):
+    """A list file naming the hand-labelled shared photos and one without faces."""
+    path = tmp_path_factory.mktemp("list") / "list.txt"
+    path.write_text("\n".join(str(shared("photos", n)) for n in [*photo_truth(), NO_FACE]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(ray_local, corpus, photo_list, random_checkpoint, tmp_path_factory):
+    """One run with the defaults over the corpus folder and the shared photos' list."""
     out = tmp_path_factory.mktemp("out") / "fer"
-    code = cli.main(["annotate", str(corpus), "--model", random_checkpoint,
+    code = cli.main(["annotate", str(corpus), str(photo_list), "--model", random_checkpoint,
                      "--output", str(out)])
     assert code == 0
     return out
 
 
-def test_every_file_has_exactly_one_status_row(result, corpus):
-    files = fer_batch.read_files(str(result), as_pandas=True)
+def corpus_rows(table, corpus):
+    return table[table["source"].str.startswith(f"{corpus}/")]
+
+
+def test_every_file_has_exactly_one_status_row(result, corpus, photo_list):
+    every = fer_batch.read_files(str(result), as_pandas=True)
+    files = corpus_rows(every, corpus)
     on_disk = sorted(str(p) for p in corpus.rglob("*") if p.is_file())
     assert sorted(files["source"]) == on_disk
+    listed = photo_list.read_text().split("\n")
+    assert sorted(every["source"]) == sorted(on_disk + listed)
+    assert (every.set_index("source").loc[listed, "status"] == "ok").all()
     status = dict(zip(files["source"].map(os.path.basename), files["status"]))
     assert status == {"face.jpg": "ok", "face_h264.mp4": "ok", "face_mpeg4.avi": "ok",
                       "face_rotated.mp4": "ok", "blank.mp4": "ok", "truncated.mkv": "error",
@@ -59,7 +79,7 @@ def test_every_file_has_exactly_one_status_row(result, corpus):
     assert "extension" in err["notes.txt"]
     assert "truncat" in err["truncated.mkv"].lower()
     # the frames decoded before the damage still give their faces
-    faces = fer_batch.read_faces(str(result), as_pandas=True)
+    faces = corpus_rows(fer_batch.read_faces(str(result), as_pandas=True), corpus)
     assert faces["source"].str.endswith("truncated.mkv").any()
 
 
@@ -108,8 +128,8 @@ def test_readable_with_pyarrow_hive_and_duckdb(result):
     tbl = ds.to_table()
     assert "run_id" in tbl.column_names and tbl.num_rows > 0
     n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{result}/files/*/*.parquet', "
-                   "hive_partitioning=true)").fetchall()[0][0]
-    assert n == 8
+                   "hive_partitioning=true) WHERE media_type = 'video'").fetchall()[0][0]
+    assert n == 5  # the corpus's videos
 
 
 def test_bad_arguments_exit_nonzero_with_a_message(tmp_path, random_checkpoint, capsys):
@@ -121,28 +141,37 @@ def test_bad_arguments_exit_nonzero_with_a_message(tmp_path, random_checkpoint, 
     assert "source not found" in capsys.readouterr().err
 
 
-def test_real_photos_recall_matches_full_resolution_haar(ray_local, random_checkpoint,
-                                                         tmp_path):
+def test_real_photos_recall_matches_full_resolution_haar(result):
     """On the hand-labelled photos, the pipeline's defaults find at least 95% of the
     ground-truth faces that full-resolution Haar detection finds."""
     from fer_batch import decode, detect
-    photos = shared("photos")
     truth = photo_truth()
-    manifest = tmp_path / "list.txt"
-    manifest.write_text("\n".join(str(photos / n) for n in truth))
-    assert cli.main(["annotate", str(manifest), "--model", random_checkpoint,
-                     "--output", str(tmp_path / "o")]) == 0
-    faces = fer_batch.read_faces(str(tmp_path / "o"), as_pandas=True)
+    faces = fer_batch.read_faces(str(result), as_pandas=True)
     cascade = detect.load_cascade()
     full_hits = pipe_hits = 0
     for name, boxes in truth.items():
-        gray = decode.decode_image((photos / name).read_bytes())
+        gray = decode.decode_image(shared("photos", name).read_bytes())
         full = detect.detect_faces(gray, cascade)
-        got = faces[faces["source"].str.endswith(name)][["x", "y", "w", "h"]].to_numpy()
+        got = faces[faces["source"].str.endswith(f"/{name}")][["x", "y", "w", "h"]].to_numpy()
         full_hits += truth_found(boxes, full)
         pipe_hits += truth_found(boxes, got)
     assert full_hits > 25
     assert pipe_hits >= 0.95 * full_hits
+
+
+def test_the_default_detector_is_centerface_and_the_run_records_it(result):
+    """The defaults run CenterFace: it finds the faces of two group photos, none on a photo
+    of dogs, and the manifest names the detector and its settings."""
+    from fer_batch import runs
+    truth = photo_truth()
+    faces = fer_batch.read_faces(str(result), as_pandas=True)
+    for name in ["dlib_voc_2008_004176.jpg", "dlib_voc_2008_002079.jpg"]:  # 7 + 6 faces
+        got = faces[faces["source"].str.endswith(f"/{name}")][["x", "y", "w", "h"]].to_numpy()
+        assert truth_found(truth[name], got) >= len(truth[name]) - 1, name
+    assert not faces["source"].str.endswith(NO_FACE).any()
+    (manifest,) = runs.Output(str(result)).committed_runs().values()
+    assert manifest["config"]["detector"] == "centerface" == AnnotateConfig().detector
+    assert manifest["config"]["centerface_max_side"] == AnnotateConfig().centerface_max_side
 
 
 def test_small_images_are_grouped_into_tasks_videos_run_alone():
