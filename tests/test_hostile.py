@@ -2,7 +2,7 @@
 lies (8), names that matplotlib would read as formulas and a report that overwrites its
 neighbours (5, 13), readers that list twice (6), credentials in URLs, local paths in S3
 manifests and symlinks out of the tree (10), TIFF headers with duplicated size tags (4) and
-locks that are not owned (9). Two tests use a moto S3 server (s3_bucket); only the last,
+locks that are not owned (9). Two tests use a moto S3 server (s3); only the last,
 test_follow_symlinks_end_to_end, starts Ray. None trains."""
 
 from __future__ import annotations
@@ -444,26 +444,12 @@ def test_a_stale_local_lock_is_taken_over_atomically(tmp_path):
     z.release()
 
 
-# --- 9 and 10 on a real S3 server (moto) ----------------------------------------------
+# --- 9 and 10 on a real S3 server (moto; conftest's s3 fixture) -----------------------
 
-@pytest.fixture(scope="module")
-def s3_bucket(tmp_path_factory):
-    """A bucket on a moto S3 server, with the test user's AWS settings in the environment."""
-    from s3_server import MotoS3, set_test_user
-    moto = MotoS3()
-    try:
-        with pytest.MonkeyPatch.context() as mp:
-            set_test_user(mp, moto, moto.endpoint, tmp_path_factory.mktemp("aws"))
-            client = moto.client()
-            client.create_bucket(Bucket="hostile")
-            yield client
-    finally:
-        moto.stop()
-
-
-def test_s3_lock_is_read_back_and_released_only_by_its_owner(s3_bucket):
+def test_s3_lock_is_read_back_and_released_only_by_its_owner(s3):
     from fer_batch import runs
-    uri = "s3://hostile/out"
+    from s3_server import OUT
+    uri = f"s3://{OUT}/hostile"
     a, b = runs.Output(uri), runs.Output(uri)
     # b writes its lock (--break-lock) after a wrote but before a reads its lock back
     a.fs = hooked_fs(a.fs, lambda op, p: op == "before-read" and p.endswith("/_lock"),
@@ -478,13 +464,14 @@ def test_s3_lock_is_read_back_and_released_only_by_its_owner(s3_bucket):
     assert not b.exists(b.path("_lock"))
 
 
-def test_s3_manifest_cannot_name_local_paths_or_store_a_signature(s3_bucket):
+def test_s3_manifest_cannot_name_local_paths_or_store_a_signature(s3):
     from fer_batch import sink, sources
-    s3_bucket.put_object(Bucket="hostile", Key="in/a.jpg", Body=b"x")
-    s3_bucket.put_object(Bucket="hostile", Key="in/list.txt",
-                         Body=f"a.jpg\n/etc/hostname\n{SIGNED}\n".encode())
-    entries = {e["uri"]: e for e in sources.list_files(["s3://hostile/in/list.txt"])}
-    assert entries["s3://hostile/in/a.jpg"]["status"] == "pending"
+    from s3_server import IN
+    s3.put_object(Bucket=IN, Key="hostile/a.jpg", Body=b"x")
+    s3.put_object(Bucket=IN, Key="hostile/list.txt",
+                  Body=f"a.jpg\n/etc/hostname\n{SIGNED}\n".encode())
+    entries = {e["uri"]: e for e in sources.list_files([f"s3://{IN}/hostile/list.txt"])}
+    assert entries[f"s3://{IN}/hostile/a.jpg"]["status"] == "pending"
     assert entries["/etc/hostname"]["status"] == "error"
     assert "a local path in an S3 manifest" in entries["/etc/hostname"]["error"]
     assert entries["https://photos.s3.amazonaws.com/cam/a.jpg"]["status"] == "error"

@@ -387,9 +387,9 @@ def test_train_from_s3_to_s3_matches_local(trained, s3):
     from s3_server import IN, OUT
     cfg, _, root = trained
     upload_tree(s3, root / "data", IN, "ckplus")
-    options = [a for k, v in CAMPAIGN.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-    assert cli.main(["train", f"s3://{IN}/ckplus", "--output", f"s3://{OUT}/train",
-                     *options]) == 0
+    from_s3 = dataclasses.replace(cfg, data=(f"s3://{IN}/ckplus",), output=f"s3://{OUT}/train",
+                                  storage_path=None)  # the checkpoints under the output
+    assert cli.main(cli.command_line("train", from_s3).split()[1:]) == 0
     got = {}
     for name in ("split.json", "metrics.json"):
         body = s3.get_object(Bucket=OUT, Key=f"train/{name}")["Body"].read()
