@@ -97,12 +97,10 @@ def summarize(probs: np.ndarray, y: np.ndarray) -> dict:
                 reliability=reliability(score, correct))
 
 
-def fit_model(model, faces: np.ndarray, y: np.ndarray, flip_average: bool = True) -> dict:
-    """Fit the temperature of `model` on held-out faces (n, C, 48, 48) uint8 with labels y,
-    through the annotate scoring path (flip averaging by default). Returns the checkpoint's
-    ``calibration`` entry: temperature, n, flip_average, ece and nll before and after."""
-    from fer_batch import infer
-    logits = infer.predict_logits(model, faces, flip_average=flip_average)
+def calibration_entry(logits: np.ndarray, y: np.ndarray, flip_average: bool) -> dict:
+    """The checkpoint's ``calibration`` entry from a model's logits (n, views, classes) on
+    held-out faces with labels y (``infer.predict_logits``, the annotate scoring path):
+    the fitted temperature, n, flip_average, and the ECE and NLL before and after."""
     t = fit_temperature(logits, y)
     before, after = probabilities(logits), probabilities(logits, t)
     return dict(temperature=t, n=int(len(y)), flip_average=bool(flip_average),

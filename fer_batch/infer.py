@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fer_batch.calibrate import probabilities
 from fer_batch.config import ANNOTATE_DEFAULTS
 from fer_batch.model import load_checkpoint
 from fer_batch.sink import check_class_names, top_labels
@@ -64,7 +65,6 @@ def predict(model: torch.nn.Module, faces: np.ndarray, device: torch.device | No
 
     Returns probs: np.ndarray, shape = (n, num_classes), float32, rows sum to 1.
     """
-    from fer_batch.calibrate import probabilities
     logits = predict_logits(model, faces, device, batch_size, progress, flip_average)
     return probabilities(logits, temperature).astype(np.float32)
 
