@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 
-from fer_batch.config import ALIGNS, DETECTORS, AnnotateConfig, TrainConfig
+from fer_batch.config import ALIGNS, DETECTORS, AnnotateConfig, ConfigError, TrainConfig
 
 EXIT_USAGE = 2  # bad arguments, missing model, unreadable source
 EXIT_FAILED = 1  # the run itself failed
@@ -188,9 +188,9 @@ def check_annotate(cfg: AnnotateConfig) -> dict:
     Returns the checkpoint's metadata (pipeline.run does not load it again)."""
     from fer_batch import detect, pipeline, runs, sink, storage
     from fer_batch.model import load_checkpoint
-    pipeline.check_config(cfg)
+    cfg.check()
     detect.check_detector(cfg.detector)  # its weights and runtime are installed
-    if cfg.detect_on == "pool":  # (the detector rule is pipeline.check_config's)
+    if cfg.detect_on == "pool":  # (the detector rule is AnnotateConfig.check's)
         from fer_batch.detect_torch import check_torch_detector
         check_torch_detector()
     for uri, kind in [(cfg.model, "model"), *[(s, "source") for s in cfg.sources],
@@ -216,7 +216,7 @@ def annotate(cfg: AnnotateConfig, verbose: bool = False) -> int:
                               sources=tuple(storage.strip_credentials(s) for s in cfg.sources))
     try:  # fail fast, before Ray starts: options, S3, bad model, no source, foreign output
         meta = check_annotate(cfg)
-    except (CheckpointError, storage.SourceError, pipeline.ConfigError, sink.ClassNameError,
+    except (CheckpointError, storage.SourceError, ConfigError, sink.ClassNameError,
             runs.ForeignOutputError, OSError) as e:
         print(f"fer-batch annotate: error: {e}", file=sys.stderr)
         return EXIT_USAGE

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Optional
 
+import math
 import os
 
 FACE_SIZE = 48  # CK+48 crops, pixels; the model's input side
@@ -31,6 +32,50 @@ LEGACY_ALIGN = "none"  # and how one written before align existed
 def opt(default, help: str, group: str = "general", **kw):
     """A dataclass field with its --help text and option group attached."""
     return field(default=default, metadata=dict(help=help, group=group, **kw))
+
+
+class ConfigError(ValueError):
+    """Options outside their allowed range, or contradicting each other: its one line names
+    the flag and the fix."""
+
+
+def allowed_range(lo=None, gt=None, hi=None) -> str:
+    """Words for a range: '0 to 1', 'greater than 1', '0 or more', 'at most 5'."""
+    if lo is not None and hi is not None:
+        return f"{lo} to {hi}"
+    if gt is not None:
+        return f"greater than {gt}" + (f" and at most {hi}" if hi is not None else "")
+    if lo is not None:
+        return f"{lo} or more"
+    return f"at most {hi}" if hi is not None else "any number"
+
+
+def range_problem(value, lo=None, gt=None, hi=None) -> str | None:
+    """None when value is a finite number within the bounds (lo <= value, gt < value,
+    value <= hi); else what is wrong, naming the allowed range."""
+    allowed = allowed_range(lo, gt, hi)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        return f"must be a finite number, {allowed}"
+    if (lo is not None and value < lo) or (gt is not None and value <= gt) or \
+            (hi is not None and value > hi):
+        return f"is out of range; allowed: {allowed}"
+    return None
+
+
+def check_bounds(cfg) -> None:
+    """Every option of cfg (a config dataclass) lies within what its field's metadata allows:
+    its bounds (opt(..., min=, gt=, max=)) and its choices. Else ConfigError naming the flag
+    and what it allows."""
+    for f in fields(cfg):
+        md, value, flag = f.metadata, getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if "choices" in md and value not in md["choices"]:
+            raise ConfigError(f"{flag} {value!r}: choose from {', '.join(md['choices'])}")
+        if not {"min", "gt", "max"} & set(md):
+            continue
+        problem = range_problem(value, md.get("min"), md.get("gt"), md.get("max"))
+        if problem:
+            raise ConfigError(f"{flag} {value!r} {problem}")
 
 
 @dataclass(frozen=True)
@@ -174,6 +219,15 @@ class AnnotateConfig:
                                  "least 1 frame per this many seconds. 0 = no limit.",
                                  "cluster", min=0)
 
+    def check(self) -> None:
+        """The options alone, before Ray starts, the same for the CLI and a library caller
+        (pipeline.run): every bound (check_bounds), and --detect-on pool runs CenterFace.
+        Raises ConfigError. (cli.check_annotate adds the model, S3 and the sources.)"""
+        check_bounds(self)
+        if self.detect_on == "pool" and self.detector != "centerface":
+            raise ConfigError("--detect-on pool runs CenterFace: use --detector centerface, "
+                              "or --detect-on cpu")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -192,7 +246,8 @@ class TrainConfig:
                              "side, before the 48x48 crop. Stored in the checkpoint: annotate "
                              "crops faces the same way (and --detect-faces here). 0.1 = how "
                              "FER2013 and CK+48 crops are framed around a Haar box "
-                             "(experiments/framing.py: 0.098 and 0.093).", "data")
+                             "(experiments/framing.py: 0.098 and 0.093).", "data", min=0,
+                             max=1)
     align: str = opt("none", "eyes: turn each face upright by the line through its eyes "
                      "(CenterFace's landmarks; faces rolled over 2 degrees) before the crop; "
                      "none: cut the box as found. Stored in the checkpoint beside "
@@ -205,8 +260,9 @@ class TrainConfig:
     split: str = opt("random", "random (the paper: stratified) or subject (no subject in both "
                      "train and test).", "split", choices=("random", "subject"))
     test_fraction: float = opt(0.2, "Share of images (random) or subjects (subject) held out.",
-                               "split")
-    folds: int = opt(0, "K-fold cross-validation by subject (0 = one split).", "split")
+                               "split", gt=0)
+    folds: int = opt(0, "K-fold cross-validation by subject (0 = one split).", "split",
+                     min=0)
     seed: int = opt(0, "Seed for the split, initialisation and shuffling.", "split")
     subject_column: str = opt("subject", "labels.csv column with the subject id.", "split")
     subject_pattern: str = opt(r"^([A-Za-z]+\d*)[._]", "Regex whose first group is the subject "
@@ -220,9 +276,9 @@ class TrainConfig:
                           "torchvision resnet50 weights file.", "model")
     stem: str = opt("imagenet", "imagenet: torchvision's 7x7/2 conv + max-pool; small: 3x3/1 "
                     "conv, no max-pool (keeps 48x48 detail).", "model", choices=STEMS)
-    lr: float = opt(1e-4, "Adam learning rate (paper: 1e-4).", "model")
-    batch_size: int = opt(8, "Images per step per worker (paper: 8).", "model")
-    epochs: int = opt(8, "Training epochs (paper: 8).", "model")
+    lr: float = opt(1e-4, "Adam learning rate (paper: 1e-4).", "model", gt=0)
+    batch_size: int = opt(8, "Images per step per worker (paper: 8).", "model", min=1)
+    epochs: int = opt(8, "Training epochs (paper: 8).", "model", min=1)
     augment: bool = opt(False, "Random flips, shifts, scale, small rotations and "
                         "brightness/contrast on training images.", "model")
     optimizer: str = opt("adam", "adam (paper; --weight-decay is an L2 penalty) or adamw "
@@ -277,6 +333,29 @@ class TrainConfig:
                           "scored and written as model.pt, and the per-epoch checkpoints stay "
                           "under --storage-path for a later --resume-from, which goes on with "
                           "the same schedule.", "cluster", min=0)
+
+    @property
+    def last_epoch(self) -> int:
+        """The epoch this run stops after: --stop-after, else --epochs (the schedule's end)."""
+        return min(self.epochs, self.stop_after) if self.stop_after else self.epochs
+
+    def check(self) -> None:
+        """The options alone, before anything is read: every bound (check_bounds) and the
+        rules between options. Raises ConfigError. (train.check_training adds the data,
+        the schedule's name, the checkpoints and the weights.)"""
+        check_bounds(self)
+        if not self.data:
+            raise ConfigError("name at least one labeled folder (DATA)")
+        if self.folds == 1:
+            raise ConfigError("--folds must be 0 (one split) or at least 2")
+        if self.test_fraction >= 1:
+            raise ConfigError("--test-fraction must be between 0 and 1")
+        if self.folds and self.test_data:
+            raise ConfigError("--folds and --test-data exclude each other")
+        if self.start_epoch and (self.resume_from or self.pretrained == "none"
+                                 or self.start_epoch >= self.last_epoch):
+            raise ConfigError("--start-epoch goes on from --pretrained weights (not with "
+                              "--resume-from) and must be before --stop-after and --epochs")
 
 
 # The defaults as values, for stage constructors and functions called outside the CLI (tests,

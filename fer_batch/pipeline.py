@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import threading
 import time
 
@@ -26,7 +25,7 @@ from ray.data import ActorPoolStrategy
 
 from fer_batch import finish, readers, runs, segments, sink, sources, storage
 from fer_batch.attempts import AttemptCounter, AttemptLedger
-from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, DetectorSettings
+from fer_batch.config import ANNOTATE_DEFAULTS, AnnotateConfig, ConfigError, DetectorSettings
 from fer_batch.detect import readied_centerface
 from fer_batch.infer import FacePredictor
 from fer_batch.model import align_of, crop_margin_of, load_checkpoint
@@ -35,52 +34,6 @@ from fer_batch.staging import StagingSink
 
 IMAGES_PER_UNIT = ANNOTATE_DEFAULTS.images_per_task  # per-task overhead amortised over many
 UNIT_BYTES = 64 * 2**20  # ... but no more than this many bytes of images in one task
-
-
-class ConfigError(ValueError):
-    """An option value outside its allowed range."""
-
-
-def allowed_range(lo=None, gt=None, hi=None) -> str:
-    """Words for a range: '0 to 1', 'greater than 1', '0 or more', 'at most 5'."""
-    if lo is not None and hi is not None:
-        return f"{lo} to {hi}"
-    if gt is not None:
-        return f"greater than {gt}" + (f" and at most {hi}" if hi is not None else "")
-    if lo is not None:
-        return f"{lo} or more"
-    return f"at most {hi}" if hi is not None else "any number"
-
-
-def range_problem(value, lo=None, gt=None, hi=None) -> str | None:
-    """None when value is a finite number within the bounds (lo <= value, gt < value,
-    value <= hi); else what is wrong, naming the allowed range."""
-    allowed = allowed_range(lo, gt, hi)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value):
-        return f"must be a finite number, {allowed}"
-    if (lo is not None and value < lo) or (gt is not None and value <= gt) or \
-            (hi is not None and value > hi):
-        return f"is out of range; allowed: {allowed}"
-    return None
-
-
-def check_config(cfg: AnnotateConfig) -> None:
-    """Fail fast, before Ray starts: every option whose field carries bounds in its metadata
-    (config.opt(..., min=, gt=, max=)) must lie within them, and options must not
-    contradict each other (--detect-on pool runs CenterFace). Raises ConfigError with one
-    line naming the flag and the fix. The CLI and library callers (``run``) both get it."""
-    for f in dataclasses.fields(cfg):
-        md = f.metadata
-        if not {"min", "gt", "max"} & set(md):
-            continue
-        value = getattr(cfg, f.name)
-        problem = range_problem(value, md.get("min"), md.get("gt"), md.get("max"))
-        if problem:
-            raise ConfigError(f"--{f.name.replace('_', '-')} {value!r} {problem}")
-    if cfg.detect_on == "pool" and cfg.detector != "centerface":
-        raise ConfigError("--detect-on pool runs CenterFace: use --detector centerface, or "
-                          "--detect-on cpu")
 
 
 def check_geometry(cfg: AnnotateConfig, meta: dict) -> None:
@@ -133,7 +86,7 @@ def run(cfg: AnnotateConfig, progress=print, meta: dict | None = None) -> dict:
     Ray must be initialised by the caller (cli.main or a job)."""
     started, t0 = runs.now_iso(), time.perf_counter()
     if meta is None:
-        check_config(cfg)
+        cfg.check()
         _, meta = load_checkpoint(cfg.model, cfg.endpoint_url)
         sink.check_class_names(meta["classes"], cfg.model)
         check_geometry(cfg, meta)

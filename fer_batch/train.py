@@ -39,7 +39,7 @@ import numpy as np
 
 from fer_batch import labeled, storage
 from fer_batch.config import CHANNEL_NAMES, FACE_SIZE, TRAIN_DEFAULTS, TrainConfig
-from fer_batch.train_loop import (class_weights, epoch_line, last_epoch, latest_checkpoint,
+from fer_batch.train_loop import (class_weights, epoch_line, latest_checkpoint,
                                   lr_at, read_state, train_loop_per_worker)
 
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
@@ -66,27 +66,8 @@ def check_training(cfg: TrainConfig) -> dict:
     Returns what it had to find out, for ``fit`` not to do it twice: dict(listed=
     labeled.list_many of DATA, test_listed= that of --test-data or None, init_state=
     pretrained_state for the listed classes)."""
-    if cfg.split not in ("random", "subject"):
-        raise ValueError(f"--split {cfg.split!r}: random or subject")
-    if cfg.folds == 1 or cfg.folds < 0:
-        raise ValueError("--folds must be 0 (one split) or at least 2")
-    if not 0 < cfg.test_fraction < 1:
-        raise ValueError("--test-fraction must be between 0 and 1")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.lr <= 0:
-        raise ValueError("--epochs, --batch-size and --lr must be positive")
-    if not cfg.data:
-        raise ValueError("name at least one labeled folder (DATA)")
-    if cfg.folds and cfg.test_data:
-        raise ValueError("--folds and --test-data exclude each other")
-    if not 0 <= cfg.crop_margin <= 1:
-        raise ValueError("--crop-margin must be between 0 and 1 (a fraction of the face side)")
-    lr_at(0, 1, cfg.lr, cfg.schedule)
-    if cfg.stop_after < 0 or not 0 <= cfg.calibration_fraction <= 0.5:
-        raise ValueError("--stop-after must be 0 or more, --calibration-fraction in 0..0.5")
-    if cfg.start_epoch and (cfg.resume_from or cfg.pretrained == "none"
-                            or cfg.start_epoch >= last_epoch(cfg)):
-        raise ValueError("--start-epoch goes on from --pretrained weights (not with "
-                         "--resume-from) and must be before --stop-after and --epochs")
+    cfg.check()
+    lr_at(0, 1, cfg.lr, cfg.schedule)  # a schedule it knows
     if cfg.resume_from and not storage.is_s3(cfg.resume_from):
         latest_checkpoint(cfg.resume_from)  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)
@@ -331,7 +312,7 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
     state = reached_state(cfg) or trained_state(cfg, x_train, y_train, x_test, y_test,
                                                 model_args, name, init_state, class_weight,
                                                 store)
-    if last_epoch(cfg) < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
+    if cfg.last_epoch < cfg.epochs:  # --stop-after: the checkpoints stay for --resume-from
         print(f"stopped after epoch {state['epoch']} of {cfg.epochs}; continue with "
               f"--resume-from {os.path.join(store, name)} (same --epochs and --schedule)",
               flush=True)
@@ -348,7 +329,7 @@ def reached_state(cfg: TrainConfig) -> dict | None:
     if not cfg.resume_from or storage.is_s3(cfg.resume_from):
         return None
     state = read_state(latest_checkpoint(cfg.resume_from), mmap=True)
-    if state["epoch"] < last_epoch(cfg):
+    if state["epoch"] < cfg.last_epoch:
         return None
     print(f"--resume-from {cfg.resume_from} already reached epoch {state['epoch']}: nothing "
           "to train", flush=True)

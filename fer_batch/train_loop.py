@@ -302,7 +302,7 @@ def train_loop_per_worker(config: dict) -> None:
     sampler = DistributedSampler(range(len(data["y_train"])), num_replicas=world, rank=rank,
                                  shuffle=True, seed=cfg.seed)
     total = math.ceil(len(sampler) / cfg.batch_size) * cfg.epochs  # the whole schedule
-    for epoch in range(start, last_epoch(cfg)):
+    for epoch in range(start, cfg.last_epoch):
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
         order = np.array(list(sampler))
@@ -323,7 +323,7 @@ def train_loop_per_worker(config: dict) -> None:
         history.append(row)
         say("epoch", row)
         report(net, optimizer, epoch + 1, history, rank)
-    if start >= last_epoch(cfg) and history:  # resumed at or past --stop-after: no epoch to
+    if start >= cfg.last_epoch and history:  # resumed at or past --stop-after: no epoch to
         report(net, optimizer, start, history, rank)  # run; hand the restored one back
 
 
@@ -409,11 +409,6 @@ def report(net, optimizer, epoch: int, history: list, rank: int) -> None:
                     "epoch": epoch, "history": history, "torch_rng": torch.get_rng_state()},
                    os.path.join(d, STATE_FILE))
         ray.train.report(history[-1], checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-def last_epoch(cfg: TrainConfig) -> int:
-    """The epoch this run stops after: --stop-after, else --epochs (the schedule's end)."""
-    return min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
 
 
 def epoch_line(row: dict, epochs: int) -> str:

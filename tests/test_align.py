@@ -8,7 +8,7 @@ import pytest
 
 from conftest import face_image
 from fer_batch import detect, evaluate, model as M, pipeline, preprocess
-from fer_batch.config import AnnotateConfig
+from fer_batch.config import AnnotateConfig, ConfigError
 
 
 def turned(gray: np.ndarray, degrees: float) -> np.ndarray:
@@ -77,7 +77,7 @@ def test_the_checkpoint_carries_align_and_annotate_refuses_what_cannot_cut_it(tm
     cfg = AnnotateConfig(sources=("x",), model=str(path))
     pipeline.check_geometry(cfg, meta)  # CenterFace on the croppers: fine
     for bad in (dict(detector="haar"), dict(detect_on="pool")):
-        with pytest.raises(pipeline.ConfigError, match="align eyes"):
+        with pytest.raises(ConfigError, match="align eyes"):
             pipeline.check_geometry(AnnotateConfig(sources=("x",), model=str(path), **bad),
                                     meta)
     old = dict(meta, preprocessing={"crop_margin": 0.1})  # written before align existed

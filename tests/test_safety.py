@@ -2,6 +2,7 @@
 checkpoint, file name or option stops nothing but itself (or is refused before any work),
 and a commit that cannot complete is set aside instead of being retried every night."""
 
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import corpus
 import fer_batch
 from conftest import delegating_fs
 from fer_batch import cli, finish, readers, runs, sink, sources, storage
-from fer_batch.config import EXPRESSIONS, AnnotateConfig
+from fer_batch.config import EXPRESSIONS, AnnotateConfig, ConfigError, TrainConfig
 
 RID_DEAD, RID_ORPHAN, RID_STUCK = ("20260101T000000Z-aaaaaa", "20260102T000000Z-bbbbbb",
                                    "20260103T000000Z-cccccc")
@@ -341,16 +342,37 @@ def test_out_of_range_options_are_refused_before_any_work(flag, value, allowed,
 
 
 def test_every_numeric_option_has_bounds_and_the_defaults_pass():
-    from fer_batch import pipeline
     import dataclasses
     numeric = [f for f in dataclasses.fields(AnnotateConfig)
                if f.type in ("int", "float", int, float)]
     assert len(numeric) >= 15
     for f in numeric:
         assert {"min", "gt", "max"} & set(f.metadata), f"--{f.name} has no bounds"
-    pipeline.check_config(AnnotateConfig())
-    with pytest.raises(pipeline.ConfigError, match=r"--sample-fps nan must be a finite"):
-        pipeline.check_config(AnnotateConfig(sample_fps=math.nan))
+    AnnotateConfig().check()
+    with pytest.raises(ConfigError, match=r"--sample-fps nan must be a finite"):
+        AnnotateConfig(sample_fps=math.nan).check()
+    with pytest.raises(ConfigError, match=r"--detector 'hog': choose from centerface, haar"):
+        AnnotateConfig(detector="hog").check()  # a choice the CLI's parser would refuse
+
+
+def test_training_options_are_checked_by_the_config_as_the_cli_checks_them():
+    """TrainConfig.check: the bounds in its field metadata and the rules between options,
+    for a library caller of train.check_training as for the CLI."""
+    ok = TrainConfig(data=("x",))
+    ok.check()
+    refused = {"--epochs 0 is out of range; allowed: 1 or more": dict(epochs=0),
+               "--lr 0 is out of range; allowed: greater than 0": dict(lr=0),
+               "--crop-margin 1.5 is out of range; allowed: 0 to 1": dict(crop_margin=1.5),
+               "--calibration-fraction 0.6 is out of range": dict(calibration_fraction=0.6),
+               "--split 'by-age': choose from random, subject": dict(split="by-age"),
+               "--folds must be 0 (one split) or at least 2": dict(folds=1),
+               "--test-fraction must be between 0 and 1": dict(test_fraction=1.0),
+               "name at least one labeled folder": dict(data=()),
+               "--start-epoch goes on from --pretrained": dict(start_epoch=8)}
+    for words, change in refused.items():
+        with pytest.raises(ConfigError) as e:
+            dataclasses.replace(ok, **change).check()
+        assert words in str(e.value), change
 
 
 def test_an_output_that_is_a_file_or_under_a_file_is_refused_before_ray(
@@ -514,6 +536,8 @@ def test_a_library_caller_gets_the_clis_refusal_of_pool_with_haar():
     """--detect-on pool runs CenterFace: the rule lived in the CLI only, so a library call
     with detector="haar" ran CenterFace silently. It is the config check's now."""
     from fer_batch import pipeline
-    with pytest.raises(pipeline.ConfigError, match="--detect-on pool runs CenterFace"):
-        pipeline.check_config(AnnotateConfig(detect_on="pool", detector="haar"))
-    pipeline.check_config(AnnotateConfig(detect_on="pool"))  # centerface: fine
+    with pytest.raises(ConfigError, match="--detect-on pool runs CenterFace"):
+        AnnotateConfig(detect_on="pool", detector="haar").check()
+    AnnotateConfig(detect_on="pool").check()  # centerface: fine
+    with pytest.raises(ConfigError, match="--detect-on pool runs CenterFace"):  # before Ray
+        pipeline.run(AnnotateConfig(sources=("x",), detect_on="pool", detector="haar"))

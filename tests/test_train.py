@@ -333,9 +333,9 @@ def test_resume_from_finds_the_newest_checkpoint_of_a_run(tmp_path):
 
 
 def test_stop_after_ends_the_loop_early():
-    assert train_loop.last_epoch(TrainConfig(epochs=70, stop_after=10)) == 10
-    assert train_loop.last_epoch(TrainConfig(epochs=70)) == 70
-    assert train_loop.last_epoch(TrainConfig(epochs=5, stop_after=10)) == 5
+    assert TrainConfig(epochs=70, stop_after=10).last_epoch == 10
+    assert TrainConfig(epochs=70).last_epoch == 70
+    assert TrainConfig(epochs=5, stop_after=10).last_epoch == 5
 
 
 @needs_data
