@@ -317,11 +317,11 @@ class TrainConfig:
                                       "(default: OUTPUT/_ray_train; use shared storage or s3:// "
                                       "on a multi-node cluster).", "cluster")
     resume_from: Optional[str] = opt(None, "Resume a run from its Ray Train checkpoints: a "
-                                     "run folder under --storage-path (its newest "
-                                     "checkpoint_*) or one checkpoint_* folder (state.pt: "
-                                     "weights, optimizer, epoch, RNG). With the same --epochs "
-                                     "and --schedule the run continues the same schedule "
-                                     "exactly.", "cluster")
+                                     "run folder under --storage-path, local or s3:// "
+                                     "(its newest checkpoint_*), or one checkpoint_* folder "
+                                     "(state.pt: weights, optimizer, epoch, RNG). With the "
+                                     "same --epochs and --schedule the run continues the same "
+                                     "schedule exactly.", "cluster")
     run_name: Optional[str] = opt(None, "Name of the run's checkpoint folder under "
                                   "--storage-path (default fer-train-DATE-TIME); a campaign "
                                   "names it once and resumes it by that name.", "cluster")

@@ -68,8 +68,8 @@ def check_training(cfg: TrainConfig) -> dict:
     pretrained_state for the listed classes)."""
     cfg.check()
     lr_at(0, 1, cfg.lr, cfg.schedule)  # a schedule it knows
-    if cfg.resume_from and not storage.is_s3(cfg.resume_from):
-        latest_checkpoint(cfg.resume_from)  # raises, naming the folder
+    if cfg.resume_from:
+        latest_checkpoint(cfg.resume_from, cfg.endpoint_url)  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)
     test_listed = labeled.list_many((cfg.test_data,), cfg.endpoint_url) if cfg.test_data else None
     return dict(listed=listed, test_listed=test_listed,
@@ -324,11 +324,13 @@ def run_trainer(cfg: TrainConfig, x_train, y_train, x_test, y_test, model_args: 
 
 
 def reached_state(cfg: TrainConfig) -> dict | None:
-    """The state.pt of a local --resume-from that already reached the run's last epoch
-    (read memory-mapped: only what is used is read), else None: there is training to do."""
-    if not cfg.resume_from or storage.is_s3(cfg.resume_from):
+    """The state.pt of a --resume-from (local or s3://) that already reached the run's last
+    epoch, else None: there is training to do. Read memory-mapped where local (only what is
+    used is read), in one GET on S3."""
+    if not cfg.resume_from:
         return None
-    state = read_state(latest_checkpoint(cfg.resume_from), mmap=True)
+    state = read_state(latest_checkpoint(cfg.resume_from, cfg.endpoint_url), mmap=True,
+                       endpoint_url=cfg.endpoint_url)
     if state["epoch"] < cfg.last_epoch:
         return None
     print(f"--resume-from {cfg.resume_from} already reached epoch {state['epoch']}: nothing "

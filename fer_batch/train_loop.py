@@ -160,47 +160,66 @@ def build_optimizer(net, cfg: TrainConfig):
 STATE_FILE = "state.pt"  # a checkpoint folder's training state (docs/training.md)
 
 
-def read_state(folder: str, device="cpu", mmap: bool = False) -> dict:
-    """A checkpoint folder's state.pt: weights, optimizer, epoch, history, RNG. Loaded with
-    weights_only (reading a checkpoint runs no code from it); mmap reads only what is used."""
+def read_state(folder: str, device="cpu", mmap: bool = False,
+               endpoint_url: str | None = None) -> dict:
+    """A checkpoint folder's state.pt (local or s3://): weights, optimizer, epoch, history,
+    RNG. Loaded with weights_only (reading a checkpoint runs no code from it); mmap (local
+    files) reads only what is used; on S3 the file is read in one GET."""
+    import io
+
     import torch
-    return torch.load(os.path.join(folder, STATE_FILE), map_location=device,
-                      weights_only=True, mmap=mmap)
+
+    from fer_batch import storage
+    source = (io.BytesIO(storage.read_bytes(f"{folder}/{STATE_FILE}", endpoint_url))
+              if storage.is_s3(folder) else os.path.join(folder, STATE_FILE))
+    return torch.load(source, map_location=device, weights_only=True,
+                      mmap=mmap and not storage.is_s3(folder))
 
 
-def latest_checkpoint(path: str) -> str:
-    """The local checkpoint folder (state.pt) that --resume-from PATH names: PATH itself, or
-    the newest checkpoint_* folder in PATH (a run's folder under --storage-path); `~` is
-    expanded. Raises ValueError naming the folder when there is none."""
-    path = os.path.expanduser(path)
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
+def latest_checkpoint(path: str, endpoint_url: str | None = None) -> str:
+    """The checkpoint folder (state.pt) that --resume-from PATH names, local (`~` expanded)
+    or s3://: PATH itself, or the newest checkpoint_* folder in PATH (a run's folder under
+    --storage-path). Raises ValueError naming the folder when there is none."""
+    import pyarrow.fs as pafs
+
+    from fer_batch import storage
+    s3 = storage.is_s3(path)
+    path = path.rstrip("/") if s3 else os.path.expanduser(path)
+    fs, root = storage.resolve(path, endpoint_url)
+
+    def has_state(folder: str) -> bool:
+        return fs.get_file_info(f"{folder}/{STATE_FILE}").type == pafs.FileType.File
+
+    if has_state(root):
         return path
-    found = sorted((d for d in (os.listdir(path) if os.path.isdir(path) else ())
-                    if d.startswith("checkpoint_")
-                    and os.path.isfile(os.path.join(path, d, STATE_FILE))))
+    below = (fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+             if s3 or os.path.isdir(root) else [])
+    found = sorted(i.base_name for i in below if i.type == pafs.FileType.Directory
+                   and i.base_name.startswith("checkpoint_") and has_state(i.path))
     if not found:
         raise ValueError(f"--resume-from {path}: no state.pt there nor in a checkpoint_* "
                          "folder in it; pass a run folder under --storage-path or one of its "
                          "checkpoint_* folders")
-    return os.path.join(path, found[-1])
+    return f"{path}/{found[-1]}" if s3 else os.path.join(path, found[-1])
 
 
-def restore(net, optimizer, resume_from: str | None, device) -> tuple[int, list]:
+def restore(net, optimizer, resume_from: str | None, device,
+            endpoint_url: str | None = None) -> tuple[int, list]:
     """Load the last reported epoch into net and optimizer (already on `device`), and the
     RNG state: Ray Train's checkpoint after a worker failure, else --resume-from (a run
-    whose driver died or stopped at --stop-after). Returns (epochs done, history); (0, [])
-    for a fresh run."""
+    whose driver died or stopped at --stop-after; local or s3://). Returns (epochs done,
+    history); (0, []) for a fresh run."""
     import ray.train
     import torch
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and resume_from:
-        from fer_batch import storage
-        checkpoint = ray.train.Checkpoint.from_directory(
-            resume_from if storage.is_s3(resume_from) else latest_checkpoint(resume_from))
-    if not checkpoint:
+    if checkpoint is not None:  # a worker failed: Ray Train restarts from its own checkpoint
+        with checkpoint.as_directory() as d:
+            state = read_state(d, device)
+    elif resume_from:
+        state = read_state(latest_checkpoint(resume_from, endpoint_url), device,
+                           endpoint_url=endpoint_url)
+    else:
         return 0, []
-    with checkpoint.as_directory() as d:
-        state = read_state(d, device)
     net.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])  # its tensors land on the params' device
     if "torch_rng" in state:
@@ -369,7 +388,7 @@ def start_model(cfg: TrainConfig, config: dict, device, say):
     # On the device before the optimizer exists, so its restored state lands there too.
     net = net.to(device, memory_format=torch.channels_last)
     optimizer = build_optimizer(net, cfg)
-    start, history = restore(net, optimizer, cfg.resume_from, device)
+    start, history = restore(net, optimizer, cfg.resume_from, device, cfg.endpoint_url)
     if start:
         say("note", f"resuming after epoch {start}")
     elif cfg.start_epoch:  # --start-epoch: init_ref's weights, a new optimizer

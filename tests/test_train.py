@@ -376,7 +376,7 @@ def test_stop_after_keeps_the_checkpoints_and_resume_goes_on_with_the_schedule(t
 
 
 @needs_data
-def test_train_from_s3_to_s3_matches_local(trained, s3):
+def test_train_from_s3_to_s3_matches_local(trained, s3, capsys):
     """The shared run again with DATA, --output and the per-epoch checkpoints on S3, through
     the CLI: the same images, the same split, and the checkpoint written to S3 loads.
 
@@ -406,6 +406,18 @@ def test_train_from_s3_to_s3_matches_local(trained, s3):
     assert s3.list_objects_v2(Bucket=OUT, Prefix="train/_ray_train/campaign/")["KeyCount"] > 0
     model, meta = load_checkpoint(f"s3://{OUT}/train/model.pt")
     assert meta["classes"] == local_metrics["classes"]
+
+    # --resume-from an S3 run folder: its newest checkpoint is found on S3 and, as it reached
+    # --stop-after, scored and written without training; a folder without one fails fast
+    run = f"s3://{OUT}/train/_ray_train/campaign"
+    assert train_loop.latest_checkpoint(run).startswith(f"{run}/checkpoint_")
+    resumed = dataclasses.replace(from_s3, output=f"s3://{OUT}/resumed", resume_from=run)
+    assert cli.main(cli.command_line("train", resumed).split()[1:]) == 0
+    assert "already reached epoch 1: nothing to train" in capsys.readouterr().out
+    body = s3.get_object(Bucket=OUT, Key="resumed/metrics.json")["Body"].read()
+    assert json.loads(body)["model_id"] == local_metrics["model_id"]
+    with pytest.raises(ValueError, match="no state.pt there nor in a checkpoint_"):
+        train.check_training(dataclasses.replace(resumed, resume_from=f"s3://{OUT}/train"))
 
 
 def test_augment_tensor_draws_transforms_on_the_device_reproducibly():
