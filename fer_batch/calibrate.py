@@ -97,13 +97,14 @@ def summarize(probs: np.ndarray, y: np.ndarray) -> dict:
                 reliability=reliability(score, correct))
 
 
-def calibration_entry(logits: np.ndarray, y: np.ndarray, flip_average: bool) -> dict:
+def calibration_entry(logits: np.ndarray, y: np.ndarray) -> dict:
     """The checkpoint's ``calibration`` entry from a model's logits (n, views, classes) on
-    held-out faces with labels y (``infer.predict_logits``, the annotate scoring path):
-    the fitted temperature, n, flip_average, and the ECE and NLL before and after."""
+    held-out faces with labels y (``infer.predict_logits``, the annotate scoring path; two
+    views: flip averaging): the fitted temperature, n, flip_average, and the ECE and NLL
+    before and after."""
     t = fit_temperature(logits, y)
     before, after = probabilities(logits), probabilities(logits, t)
-    return dict(temperature=t, n=int(len(y)), flip_average=bool(flip_average),
+    return dict(temperature=t, n=int(len(y)), flip_average=logits.shape[1] == 2,
                 ece_before=ece(before.max(1), before.argmax(1) == y),
                 ece_after=ece(after.max(1), after.argmax(1) == y),
                 nll_before=nll(before, y), nll_after=nll(after, y))

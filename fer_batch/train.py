@@ -269,8 +269,7 @@ def train_split(cfg: TrainConfig, data: dict, k: int, tr, te, *, channels, init_
                          flip_average=False).argmax(1)  # the paper's metric, as the workers
     m = evaluate.compute_metrics(y[te], pred, classes)
     calibration = calibrate.calibration_entry(
-        infer.predict_logits(net, faces[cal], flip_average=True), y[cal],
-        flip_average=True) if len(cal) else None
+        infer.predict_logits(net, faces[cal], flip_average=True), y[cal]) if len(cal) else None
     if calibration:
         print(f"temperature {calibration['temperature']:.3f} fitted on {len(cal)} held-out "
               f"training images (ECE {100 * calibration['ece_before']:.1f}% -> "

@@ -35,6 +35,17 @@ def test_the_fitted_temperature_lowers_ece_and_nll():
     assert e_fit < 0.03 < e_raw
 
 
+def test_the_checkpoints_calibration_entry_says_what_was_fitted_on_what():
+    logits, y = drawn(2000, 2.5)
+    entry = calibrate.calibration_entry(logits, y)
+    assert entry["temperature"] == pytest.approx(calibrate.fit_temperature(logits, y))
+    assert entry["n"] == 2000 and entry["flip_average"] is False  # one view per face
+    assert entry["ece_after"] < entry["ece_before"] and entry["nll_after"] < entry["nll_before"]
+    two_views = calibrate.calibration_entry(np.concatenate([logits, logits], axis=1), y)
+    assert two_views["flip_average"] is True
+    assert two_views["temperature"] == pytest.approx(entry["temperature"], rel=1e-3)
+
+
 def test_ece_by_hand():
     scores = np.array([0.95, 0.95, 0.55, 0.55])
     correct = np.array([1, 1, 1, 0])
