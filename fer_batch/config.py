@@ -39,41 +39,43 @@ class ConfigError(ValueError):
     the flag and the fix."""
 
 
-def allowed_range(lo=None, gt=None, hi=None) -> str:
-    """Words for a range: '0 to 1', 'greater than 1', '0 or more', 'at most 5'."""
+def allowed_range(lo=None, gt=None, hi=None, lt=None) -> str:
+    """Words for a range: '0 to 1', 'greater than 1', '0 or more', 'at most 5',
+    'greater than 0 and less than 1'."""
     if lo is not None and hi is not None:
         return f"{lo} to {hi}"
-    if gt is not None:
-        return f"greater than {gt}" + (f" and at most {hi}" if hi is not None else "")
-    if lo is not None:
-        return f"{lo} or more"
-    return f"at most {hi}" if hi is not None else "any number"
+    low = f"greater than {gt}" if gt is not None else f"{lo} or more" if lo is not None else ""
+    high = f"at most {hi}" if hi is not None else f"less than {lt}" if lt is not None else ""
+    return " and ".join(w for w in (low, high) if w) or "any number"
 
 
-def range_problem(value, lo=None, gt=None, hi=None) -> str | None:
+def range_problem(value, lo=None, gt=None, hi=None, lt=None) -> str | None:
     """None when value is a finite number within the bounds (lo <= value, gt < value,
-    value <= hi); else what is wrong, naming the allowed range."""
-    allowed = allowed_range(lo, gt, hi)
+    value <= hi, value < lt); else what is wrong, naming the allowed range."""
+    allowed = allowed_range(lo, gt, hi, lt)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or \
             not math.isfinite(value):
         return f"must be a finite number, {allowed}"
     if (lo is not None and value < lo) or (gt is not None and value <= gt) or \
-            (hi is not None and value > hi):
+            (hi is not None and value > hi) or (lt is not None and value >= lt):
         return f"is out of range; allowed: {allowed}"
     return None
 
 
+BOUNDS = ("min", "gt", "max", "lt")  # opt(...) metadata a value is checked against
+
+
 def check_bounds(cfg) -> None:
     """Every option of cfg (a config dataclass) lies within what its field's metadata allows:
-    its bounds (opt(..., min=, gt=, max=)) and its choices. Else ConfigError naming the flag
-    and what it allows."""
+    its bounds (opt(..., min=, gt=, max=, lt=)) and its choices. Else ConfigError naming the
+    flag and what it allows."""
     for f in fields(cfg):
         md, value, flag = f.metadata, getattr(cfg, f.name), "--" + f.name.replace("_", "-")
         if "choices" in md and value not in md["choices"]:
             raise ConfigError(f"{flag} {value!r}: choose from {', '.join(md['choices'])}")
-        if not {"min", "gt", "max"} & set(md):
+        if not set(BOUNDS) & set(md):
             continue
-        problem = range_problem(value, md.get("min"), md.get("gt"), md.get("max"))
+        problem = range_problem(value, *(md.get(b) for b in BOUNDS))
         if problem:
             raise ConfigError(f"{flag} {value!r} {problem}")
 
@@ -260,7 +262,7 @@ class TrainConfig:
     split: str = opt("random", "random (the paper: stratified) or subject (no subject in both "
                      "train and test).", "split", choices=("random", "subject"))
     test_fraction: float = opt(0.2, "Share of images (random) or subjects (subject) held out.",
-                               "split", gt=0)
+                               "split", gt=0, lt=1)
     folds: int = opt(0, "K-fold cross-validation by subject (0 = one split).", "split",
                      min=0)
     seed: int = opt(0, "Seed for the split, initialisation and shuffling.", "split")
@@ -342,14 +344,12 @@ class TrainConfig:
     def check(self) -> None:
         """The options alone, before anything is read: every bound (check_bounds) and the
         rules between options. Raises ConfigError. (train.check_training adds the data,
-        the schedule's name, the checkpoints and the weights.)"""
+        the checkpoints and the weights.)"""
         check_bounds(self)
         if not self.data:
             raise ConfigError("name at least one labeled folder (DATA)")
         if self.folds == 1:
             raise ConfigError("--folds must be 0 (one split) or at least 2")
-        if self.test_fraction >= 1:
-            raise ConfigError("--test-fraction must be between 0 and 1")
         if self.folds and self.test_data:
             raise ConfigError("--folds and --test-data exclude each other")
         if self.start_epoch and (self.resume_from or self.pretrained == "none"

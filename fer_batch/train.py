@@ -40,7 +40,7 @@ import numpy as np
 from fer_batch import labeled, storage
 from fer_batch.config import CHANNEL_NAMES, FACE_SIZE, TRAIN_DEFAULTS, TrainConfig
 from fer_batch.train_loop import (class_weights, epoch_line, latest_checkpoint,
-                                  lr_at, read_state, train_loop_per_worker)
+                                  read_state, train_loop_per_worker)
 
 MAX_FAILURES = 2  # worker failures Ray Train recovers from per run
 
@@ -67,7 +67,6 @@ def check_training(cfg: TrainConfig) -> dict:
     labeled.list_many of DATA, test_listed= that of --test-data or None, init_state=
     pretrained_state for the listed classes)."""
     cfg.check()
-    lr_at(0, 1, cfg.lr, cfg.schedule)  # a schedule it knows
     if cfg.resume_from:
         latest_checkpoint(cfg.resume_from, cfg.endpoint_url)  # raises, naming the folder
     listed = labeled.list_many(cfg.data, cfg.endpoint_url)

@@ -170,10 +170,11 @@ def read_state(folder: str, device="cpu", mmap: bool = False,
     import torch
 
     from fer_batch import storage
-    source = (io.BytesIO(storage.read_bytes(f"{folder}/{STATE_FILE}", endpoint_url))
-              if storage.is_s3(folder) else os.path.join(folder, STATE_FILE))
-    return torch.load(source, map_location=device, weights_only=True,
-                      mmap=mmap and not storage.is_s3(folder))
+    if storage.is_s3(folder):
+        data = storage.read_bytes(f"{folder}/{STATE_FILE}", endpoint_url)
+        return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    return torch.load(os.path.join(folder, STATE_FILE), map_location=device,
+                      weights_only=True, mmap=mmap)
 
 
 def latest_checkpoint(path: str, endpoint_url: str | None = None) -> str:
@@ -192,8 +193,8 @@ def latest_checkpoint(path: str, endpoint_url: str | None = None) -> str:
 
     if has_state(root):
         return path
-    below = (fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-             if s3 or os.path.isdir(root) else [])
+    is_folder = fs.get_file_info(root).type == pafs.FileType.Directory
+    below = fs.get_file_info(pafs.FileSelector(root)) if is_folder else []
     found = sorted(i.base_name for i in below if i.type == pafs.FileType.Directory
                    and i.base_name.startswith("checkpoint_") and has_state(i.path))
     if not found:

@@ -342,7 +342,6 @@ def test_out_of_range_options_are_refused_before_any_work(flag, value, allowed,
 
 
 def test_every_numeric_option_has_bounds_and_the_defaults_pass():
-    import dataclasses
     numeric = [f for f in dataclasses.fields(AnnotateConfig)
                if f.type in ("int", "float", int, float)]
     assert len(numeric) >= 15
@@ -366,7 +365,10 @@ def test_training_options_are_checked_by_the_config_as_the_cli_checks_them():
                "--calibration-fraction 0.6 is out of range": dict(calibration_fraction=0.6),
                "--split 'by-age': choose from random, subject": dict(split="by-age"),
                "--folds must be 0 (one split) or at least 2": dict(folds=1),
-               "--test-fraction must be between 0 and 1": dict(test_fraction=1.0),
+               "--test-fraction 1.0 is out of range; allowed: greater than 0 and less than 1":
+                   dict(test_fraction=1.0),
+               "--schedule 'linear': choose from constant, cosine, onecycle, restarts":
+                   dict(schedule="linear"),
                "name at least one labeled folder": dict(data=()),
                "--start-epoch goes on from --pretrained": dict(start_epoch=8)}
     for words, change in refused.items():
